@@ -1,0 +1,459 @@
+"""Torch-exact building blocks shared by every model family.
+
+Every torch-compatibility trick lives here, once:
+
+* NHWC activations and HWIO kernels; padding is always an explicit symmetric pair
+  copied from the torch module (never XLA's ``'SAME'``, which pads (0, 1) on even
+  inputs at stride 2), except where a layer asks for TensorFlow's ``'SAME'`` on
+  purpose (EfficientNet-Lite, whose weights were trained in TensorFlow).
+* ``MaxPool2d`` and ``AvgPool2d`` compute their output size as torch does, including
+  ``ceil_mode`` (extra padding at the bottom/right that never wins a max and, for the
+  average, is left out of the divisor) and ``count_include_pad``.
+* ``AdaptiveAvgPool2d`` uses torch's bins ``[floor(i*H/h), ceil((i+1)*H/h))`` for any
+  input size, upsampling when the map is smaller than the target.
+* ``BatchNorm2d`` keeps torch's eps per layer, uses ``momentum = 1 - torch's`` and
+  updates ``running_var`` with the unbiased batch variance, as torch does.
+* Parameters are created with torch's default initialisation unless a model asks for
+  another one (torchvision's per-model ``init_weights``).
+
+Every layer takes ``(x, train=False)`` so that models can run a sequence of layers
+uniformly (:func:`add_sequence` / :func:`run_sequence`), and knows how to describe
+itself the way torch prints a module (:meth:`torch_repr`) and its cost (:meth:`macs`),
+which ``jaxconv summary`` uses.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, (int, np.integer)) for i in v):
+        raise ValueError(f"expected an int or a pair of ints, got {v!r}")
+    return (int(v[0]), int(v[1]))
+
+
+def torch_default_kernel_init() -> Initializer:
+    """torch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+    """torch's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def kaiming_normal_fan_out() -> Initializer:
+    """torch's ``kaiming_normal_(mode='fan_out', nonlinearity='relu')``."""
+    return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def check_nhwc(x: jax.Array, channels: int, model: str) -> None:
+    """A clear error for input that is not an NHWC batch with ``channels`` channels."""
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 4:
+        raise ValueError(f"{model} expects an NHWC batch (N, H, W, {channels}), got shape {shape}")
+    if shape[-1] != channels:
+        hint = ""
+        if shape[1] == channels:
+            hint = " (this looks like NCHW: use x.transpose(0, 2, 3, 1))"
+        raise ValueError(f"{model} expects {channels} input channels in the last axis of an "
+                         f"NHWC batch, got shape {shape}{hint}")
+
+
+def _window_output(size: int, kernel: int, stride: int, pad: int, dilation: int = 1,
+                   ceil_mode: bool = False, what: str = "layer") -> tuple[int, int]:
+    """torch's output size for one spatial dim, and the padding (lo, hi) that XLA needs.
+
+    ``hi`` exceeds ``pad`` only under ``ceil_mode``, where torch lets the last window
+    hang over the padded input as long as it starts inside the input or left padding.
+    """
+    span = dilation * (kernel - 1) + 1
+    numer = size + 2 * pad - span + (stride - 1 if ceil_mode else 0)
+    if numer < 0:
+        raise ValueError(f"{what}: input size {size} is too small for kernel {kernel} "
+                         f"with padding {pad} (need at least {span - 2 * pad})")
+    out = numer // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    hi = (out - 1) * stride + span - size - pad
+    return out, (pad, max(hi, 0) if ceil_mode else pad)
+
+
+def _padding_pairs(padding, what: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    padding = tuple(padding)
+    if len(padding) == 2 and all(isinstance(p, (int, np.integer)) for p in padding):
+        return ((int(padding[0]),) * 2, (int(padding[1]),) * 2)
+    if len(padding) == 2 and all(len(tuple(p)) == 2 for p in padding):
+        return tuple(tuple(int(i) for i in p) for p in padding)  # type: ignore[return-value]
+    raise ValueError(f"{what}: padding must be an int, (ph, pw), ((top, bottom), (left, right)) "
+                     f"or 'SAME', got {padding!r}")
+
+
+def _dims(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class Conv2d(nn.Module):
+    """torch.nn.Conv2d on NHWC input with an HWIO kernel.
+
+    ``padding`` is an int, a pair (symmetric per dim), explicit ((top, bottom),
+    (left, right)) pairs, or the string ``'SAME'`` for TensorFlow-trained weights.
+    Grouped and depthwise convolutions use ``groups`` (XLA's feature_group_count).
+    """
+    features: int
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] = 1
+    padding: Any = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        in_ch = x.shape[-1]
+        if in_ch % self.groups or self.features % self.groups:
+            raise ValueError(f"{self.name}: channels in={in_ch} out={self.features} are not "
+                             f"divisible by groups={self.groups}")
+        kh, kw = _pair(self.kernel_size)
+        fan_in = (in_ch // self.groups) * kh * kw
+        kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init(),
+                            (kh, kw, in_ch // self.groups, self.features), self.param_dtype)
+        if isinstance(self.padding, str):
+            pads = self.padding
+        else:
+            pads = _padding_pairs(self.padding, f"Conv2d {self.name}")
+            stride, dil = _pair(self.stride), _pair(self.dilation)
+            for dim, k, s, p, d in zip(x.shape[1:3], (kh, kw), stride, pads, dil):
+                if dim + p[0] + p[1] < d * (k - 1) + 1:
+                    raise ValueError(f"Conv2d {self.name}: input {_dims(x.shape[1:3])} is too "
+                                     f"small for a {kh}x{kw} kernel with padding {pads}")
+        y = lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype),
+            window_strides=_pair(self.stride), padding=pads,
+            rhs_dilation=_pair(self.dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init or torch_default_bias_init(fan_in),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+    def torch_repr(self, in_shape) -> str:
+        kh, kw = _pair(self.kernel_size)
+        text = (f"Conv2d({in_shape[-1]}, {self.features}, kernel_size=({kh}, {kw}), "
+                f"stride={_pair(self.stride)}")
+        if isinstance(self.padding, str):
+            text += f", padding='{self.padding}'"
+        else:
+            pads = _padding_pairs(self.padding, "Conv2d")
+            if any(p != (0, 0) for p in pads):
+                sym = all(p[0] == p[1] for p in pads)
+                text += f", padding={(pads[0][0], pads[1][0]) if sym else pads}"
+        if _pair(self.dilation) != (1, 1):
+            text += f", dilation={_pair(self.dilation)}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if not self.use_bias:
+            text += ", bias=False"
+        return text + ")"
+
+    def macs(self, in_shape, out_shape) -> int:
+        kh, kw = _pair(self.kernel_size)
+        return int(np.prod(out_shape[1:])) * kh * kw * (in_shape[-1] // self.groups)
+
+
+class Linear(nn.Module):
+    """torch.nn.Linear with the kernel stored as (in, out) = torch's ``weight.T``."""
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init(),
+                            (fan_in, self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init or torch_default_bias_init(fan_in),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+    def torch_repr(self, in_shape) -> str:
+        return f"Linear(in_features={in_shape[-1]}, out_features={self.features}, bias={self.use_bias})"
+
+    def macs(self, in_shape, out_shape) -> int:
+        return int(np.prod(in_shape[1:])) * self.features
+
+
+class BatchNorm2d(nn.Module):
+    """torch.nn.BatchNorm2d over the last (channel) axis.
+
+    ``momentum`` follows Flax's convention, ``1 - torch's`` (torch's 0.1 is 0.9 here).
+    In train mode the batch is normalised with its biased variance and
+    ``batch_stats['var']`` is updated with the unbiased one, as torch does. Statistics
+    are kept in ``param_dtype`` and computed in at least float32 whatever ``dtype`` is.
+    Under ``jax.jit`` with a sharded batch the statistics are global automatically.
+    """
+    eps: float = 1e-5
+    momentum: float = 0.9
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        c = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        running_mean = self.variable("batch_stats", "mean", nn.initializers.zeros, None,
+                                     (c,), self.param_dtype)
+        running_var = self.variable("batch_stats", "var", nn.initializers.ones, None,
+                                    (c,), self.param_dtype)
+        stat_dtype = jnp.promote_types(self.param_dtype, jnp.promote_types(x.dtype, jnp.float32))
+        if train:
+            count = x.size // c
+            if count < 2:
+                raise ValueError(f"BatchNorm2d {self.name}: expected more than 1 value per "
+                                 f"channel when training, got input shape {x.shape}")
+            axes = tuple(range(x.ndim - 1))
+            xs = x.astype(stat_dtype)
+            mean = jnp.mean(xs, axes)
+            var = jnp.mean(jnp.square(xs - mean), axes)  # two-pass, biased
+            if not self.is_initializing():
+                m = self.momentum
+                running_mean.value = (m * running_mean.value + (1 - m) * mean).astype(self.param_dtype)
+                unbiased = var * (count / (count - 1))
+                running_var.value = (m * running_var.value + (1 - m) * unbiased).astype(self.param_dtype)
+        else:
+            mean = running_mean.value.astype(stat_dtype)
+            var = running_var.value.astype(stat_dtype)
+        alpha = scale.astype(stat_dtype) * lax.rsqrt(var + self.eps)
+        beta = bias.astype(stat_dtype) - mean * alpha
+        return x.astype(self.dtype) * alpha.astype(self.dtype) + beta.astype(self.dtype)
+
+    def torch_repr(self, in_shape) -> str:
+        return (f"BatchNorm2d({in_shape[-1]}, eps={self.eps:g}, "
+                f"momentum={1 - self.momentum:.4g}, affine=True)")
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+class ReLU(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.relu(x)
+
+    def torch_repr(self, in_shape) -> str:
+        return "ReLU()"
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+class Dropout(nn.Module):
+    """torch.nn.Dropout: active only in train mode, drawing from the ``'dropout'`` rng."""
+    rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dropout(self.rate, deterministic=not train)(x)
+
+    def torch_repr(self, in_shape) -> str:
+        return f"Dropout(p={self.rate})"
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+class MaxPool2d(nn.Module):
+    """torch.nn.MaxPool2d, ``ceil_mode`` included (the overhang pads with -inf)."""
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] | None = None
+    padding: int | Sequence[int] = 0
+    ceil_mode: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        (kh, kw), (sh, sw) = _pair(self.kernel_size), _pair(self.stride or self.kernel_size)
+        ph, pw = _pair(self.padding)
+        if ph > kh // 2 or pw > kw // 2:
+            raise ValueError(f"MaxPool2d: padding {(ph, pw)} must be at most half the kernel {(kh, kw)}")
+        _, pad_h = _window_output(x.shape[1], kh, sh, ph, ceil_mode=self.ceil_mode, what="MaxPool2d")
+        _, pad_w = _window_output(x.shape[2], kw, sw, pw, ceil_mode=self.ceil_mode, what="MaxPool2d")
+        # a numpy constant, so that JAX recognises the max monoid (and can differentiate it)
+        init = np.array(-np.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min,
+                        x.dtype)
+        return lax.reduce_window(x, init, lax.max, (1, kh, kw, 1), (1, sh, sw, 1),
+                                 ((0, 0), pad_h, pad_w, (0, 0)))
+
+    def torch_repr(self, in_shape) -> str:
+        k, s = _pair(self.kernel_size), _pair(self.stride or self.kernel_size)
+        one = lambda v: v[0] if v[0] == v[1] else v  # noqa: E731
+        return (f"MaxPool2d(kernel_size={one(k)}, stride={one(s)}, padding={one(_pair(self.padding))}, "
+                f"dilation=1, ceil_mode={self.ceil_mode})")
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+def avg_pool_divisor(size_hw, kernel, stride, padding, ceil_mode, count_include_pad) -> np.ndarray:
+    """torch's per-window divisor for AvgPool2d, as an (out_h, out_w) array.
+
+    A window's divisor counts the padding it covers when ``count_include_pad`` (but
+    never the ceil-mode overhang past the right/bottom padding), else only the input
+    cells it covers.
+    """
+    per_dim = []
+    for size, k, s, p in zip(size_hw, kernel, stride, padding):
+        out, _ = _window_output(size, k, s, p, ceil_mode=ceil_mode, what="AvgPool2d")
+        start = np.arange(out) * s - p
+        end = np.minimum(start + k, size + p)
+        with_pad = end - start
+        inside = np.minimum(end, size) - np.maximum(start, 0)
+        per_dim.append(with_pad if count_include_pad else inside)
+    return np.outer(per_dim[0], per_dim[1]).astype(np.float64)
+
+
+class AvgPool2d(nn.Module):
+    """torch.nn.AvgPool2d: ``count_include_pad`` and torch's divisor under ``ceil_mode``."""
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] | None = None
+    padding: int | Sequence[int] = 0
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        k, s, p = _pair(self.kernel_size), _pair(self.stride or self.kernel_size), _pair(self.padding)
+        if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+            raise ValueError(f"AvgPool2d: padding {p} must be at most half the kernel {k}")
+        _, pad_h = _window_output(x.shape[1], k[0], s[0], p[0], ceil_mode=self.ceil_mode, what="AvgPool2d")
+        _, pad_w = _window_output(x.shape[2], k[1], s[1], p[1], ceil_mode=self.ceil_mode, what="AvgPool2d")
+        total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, (1, *k, 1), (1, *s, 1),
+                                  ((0, 0), pad_h, pad_w, (0, 0)))
+        divisor = avg_pool_divisor(x.shape[1:3], k, s, p, self.ceil_mode, self.count_include_pad)
+        return total / jnp.asarray(divisor, x.dtype)[None, :, :, None]
+
+    def torch_repr(self, in_shape) -> str:
+        return (f"AvgPool2d(kernel_size={self.kernel_size}, stride={self.stride or self.kernel_size}, "
+                f"padding={self.padding}, ceil_mode={self.ceil_mode}, "
+                f"count_include_pad={self.count_include_pad})")
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+def adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) averaging matrix of torch's AdaptiveAvgPool bins.
+
+    Bin i covers ``[floor(i*size/out), ceil((i+1)*size/out))``; the bins overlap or
+    repeat cells when they do not divide evenly, and upsample when ``size < out``.
+    """
+    m = np.zeros((out, size), np.float64)
+    for i in range(out):
+        lo, hi = (i * size) // out, -((-(i + 1) * size) // out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+class AdaptiveAvgPool2d(nn.Module):
+    """torch.nn.AdaptiveAvgPool2d((h, w)) for any input size (identity when equal)."""
+    output_size: int | Sequence[int]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        (h, w), (H, W) = _pair(self.output_size), x.shape[1:3]
+        if (H, W) == (h, w):
+            return x
+        if H % h == 0 and W % w == 0:  # equal bins: a plain mean, as torch computes it
+            return x.reshape(x.shape[0], h, H // h, w, W // w, x.shape[3]).mean(axis=(2, 4))
+        mh = jnp.asarray(adaptive_pool_matrix(H, h), x.dtype)
+        mw = jnp.asarray(adaptive_pool_matrix(W, w), x.dtype)
+        return jnp.einsum("nhwc,ih,jw->nijc", x, mh, mw, precision=lax.Precision.HIGHEST)
+
+    def torch_repr(self, in_shape) -> str:
+        return f"AdaptiveAvgPool2d(output_size={_pair(self.output_size)})"
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+class Flatten(nn.Module):
+    """Flatten all but the batch axis, in NHWC order.
+
+    torch flattens (C, H, W); the importer permutes the rows of the first Linear's
+    kernel so that the result is the same (see ``convert.mapping``).
+    """
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return x.reshape(x.shape[0], -1)
+
+    def torch_repr(self, in_shape) -> str:
+        return "Flatten(start_dim=1, end_dim=-1)"
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+def global_avg_pool(x):
+    """AdaptiveAvgPool2d((1, 1)) followed by flatten."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------- sequences
+
+def add_sequence(module: nn.Module, prefix: str, layers: Sequence[nn.Module]) -> tuple[str, ...]:
+    """Register ``layers`` on ``module`` (inside ``setup``) as ``prefix_0, prefix_1, ...``.
+
+    The index of each layer is its index in torch's ``nn.Sequential``, so
+    ``features_3`` is torch's ``features.3``. Returns the names, in order, for
+    :func:`run_sequence`.
+    """
+    names = []
+    for i, layer in enumerate(layers):
+        name = f"{prefix}_{i}"
+        setattr(module, name, layer)
+        names.append(name)
+    return tuple(names)
+
+
+def run_sequence(module: nn.Module, names: Sequence[str], x, train: bool = False):
+    for name in names:
+        x = getattr(module, name)(x, train=train)
+    return x

@@ -1,0 +1,352 @@
+"""The parity protocol: does a jaxconv model compute what the torch model computes?
+
+This is the *reference* tool and the only place that touches PyTorch; it imports torch
+when called (install the ``test`` extra: ``pip install 'jaxconv[test]'``), never when
+the package is imported. The tests, ``jaxconv parity`` and ``scripts/demo`` use it.
+
+The protocol (``shared/DESIGN.md``):
+
+1. Build the torch model with random weights: every bias and every BatchNorm's weight
+   and bias randomised, and BatchNorm running statistics calibrated to real activation
+   statistics (reset, ``momentum=None``, a few train-mode passes on random inputs
+   without gradients, momentum restored, eval). Purely random statistics make deep
+   nets explode and hide mistakes; zero biases would hide a dropped bias.
+2. float64 mapping check: torch in double against jaxconv under ``jax_enable_x64`` with
+   ``dtype=param_dtype=float64``: ``max|d| / max|ref|`` on the logits and on every
+   intermediate whose module exists on both sides. A mapping mistake shows at ~1e-1;
+   an exact port at ~1e-12.
+3. float32 check: ``err(jaxconv32 vs torch64) <= 4 * err(torch32 vs torch64) + 1e-6``.
+4. The same in train mode (batch statistics and updated running statistics) and for
+   the gradients of a cross-entropy loss.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxconv.convert import from_torchvision
+from jaxconv.registry import get_model, model_info
+
+F64_TOLERANCE = 1e-9
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("the parity check needs PyTorch and torchvision as the reference: "
+                          "pip install 'jaxconv[test]'") from None
+    return torch
+
+
+def rel_err(value, ref, floor: float = 0.0) -> float:
+    """max|value - ref| / max(max|ref|, floor), computed in float64.
+
+    ``floor`` keeps a reference that is zero up to rounding (the gradient of a
+    convolution bias that a BatchNorm follows) from turning noise into a large ratio."""
+    value, ref = np.asarray(value, np.float64), np.asarray(ref, np.float64)
+    if value.shape != ref.shape:
+        raise ValueError(f"shape mismatch: {value.shape} vs reference {ref.shape}")
+    scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, floor)
+    return float(np.max(np.abs(value - ref)) / (scale if scale > 0 else 1.0)) if ref.size else 0.0
+
+
+def torchvision_model(name: str, num_classes: int | None = None, **kwargs):
+    """torchvision's model for jaxconv's ``name``, with random weights (no download)."""
+    import torchvision
+
+    info = model_info(name)
+    if info.torchvision is None:
+        raise ValueError(f"{name} has no torchvision counterpart; build the torch reference yourself")
+    return torchvision.models.get_model(info.torchvision, weights=None,
+                                        num_classes=num_classes or info.num_classes, **kwargs)
+
+
+def randomize(torch_model, seed: int = 0) -> None:
+    """Random biases everywhere, and random BatchNorm weights and biases."""
+    torch = _torch()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in torch_model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.affine:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.2)
+            elif getattr(module, "bias", None) is not None and isinstance(module.bias, torch.nn.Parameter):
+                module.bias.copy_((torch.rand(module.bias.shape, generator=gen) - 0.5) * 0.2)
+
+
+def calibrate_batchnorm(torch_model, input_shape_nchw: tuple[int, ...], passes: int = 3,
+                        seed: int = 0) -> None:
+    """Set every BatchNorm's running statistics to the statistics of real activations."""
+    torch = _torch()
+    norms = [m for m in torch_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        torch_model.eval()
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    gen = torch.Generator().manual_seed(seed + 1)
+    dtype = next(torch_model.parameters()).dtype
+    torch_model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            torch_model(torch.randn(input_shape_nchw, generator=gen).to(dtype))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    torch_model.eval()
+
+
+def prepare_reference(torch_model, calibration_shape_nchw, seed: int = 0):
+    """Randomise and calibrate ``torch_model`` in place (float64 from here on); returns it."""
+    torch_model.double()
+    randomize(torch_model, seed)
+    calibrate_batchnorm(torch_model, calibration_shape_nchw, seed=seed)
+    return torch_model
+
+
+def _state_dict(torch_model) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in torch_model.state_dict().items()}
+
+
+def _to_nchw(x):
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _logits(out):
+    """The main logits of a torch or jaxconv output (a tensor, or a tuple/namedtuple)."""
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "logits"):
+        return out.logits
+    return out
+
+
+def torch_intermediates(torch_model, x_nchw, names) -> dict[str, np.ndarray]:
+    """Outputs of the named torch modules (NHWC for 4-d maps); modules called more than
+    once in a pass are left out (their output is ambiguous)."""
+    torch = _torch()
+    modules = dict(torch_model.named_modules())
+    seen: dict[str, list] = {}
+    hooks = []
+    for name in names:
+        if name in modules:
+            def hook(module, args, output, name=name):
+                if isinstance(output, torch.Tensor):
+                    seen.setdefault(name, []).append(output.detach().clone())
+            hooks.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            torch_model(x_nchw)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, values in seen.items():
+        if len(values) == 1:
+            v = values[0].numpy()
+            out[name] = v.transpose(0, 2, 3, 1) if v.ndim == 4 else v
+    return out
+
+
+@dataclass
+class ParityResult:
+    name: str
+    size: tuple[int, int]
+    f64_logits: float
+    f64_intermediates: dict[str, float] = field(default_factory=dict)
+    f32_jax: float | None = None      # err(jaxconv32 vs torch64)
+    f32_torch: float | None = None    # err(torch32 vs torch64)
+
+    @property
+    def f32_bound(self) -> float:
+        return 4 * self.f32_torch + 1e-6
+
+    @property
+    def worst_intermediate(self) -> tuple[str, float]:
+        if not self.f64_intermediates:
+            return ("-", 0.0)
+        return max(self.f64_intermediates.items(), key=lambda kv: kv[1])
+
+    @property
+    def ok(self) -> bool:
+        f64 = max(self.f64_logits, self.worst_intermediate[1]) <= F64_TOLERANCE
+        return f64 and (self.f32_jax is None or self.f32_jax <= self.f32_bound)
+
+    def line(self) -> str:
+        where, worst = self.worst_intermediate
+        text = (f"{self.name:<18} {self.size[0]:>4}x{self.size[1]:<4} f64 logits {self.f64_logits:.1e}  "
+                f"worst of {len(self.f64_intermediates)} layers {worst:.1e} ({where})")
+        if self.f32_jax is not None:
+            text += (f"  f32 jaxconv {self.f32_jax:.1e} vs torch32 {self.f32_torch:.1e} "
+                     f"(bound {self.f32_bound:.1e})")
+        return text + ("  ok" if self.ok else "  FAIL")
+
+
+def check_eval(name: str, torch_model, size: tuple[int, int], batch: int = 2, seed: int = 0,
+               float32: bool = True, intermediates: bool = True, overrides: dict | None = None) -> ParityResult:
+    """Eval-mode parity of jaxconv ``name`` against a *prepared* float64 ``torch_model``
+    on a fresh random NHWC batch of ``size``: the float64 mapping check (logits and
+    named intermediates) and, if ``float32``, the float32 rounding check."""
+    torch = _torch()
+    from jaxconv.summary import intermediates as jax_intermediates
+
+    info = model_info(name)
+    overrides = dict(overrides or {})
+    torch_model.eval()
+    h, w = size
+    x = np.random.default_rng(seed + 7).standard_normal((batch, h, w, info.input_size[2]))
+    state = _state_dict(torch_model)
+    num_classes = overrides.pop("num_classes", None)
+
+    with jax.enable_x64(True):
+        model64 = get_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
+                            **overrides)
+        variables64 = from_torchvision(name, state, num_classes=num_classes, **overrides)
+        with torch.no_grad():
+            ref64 = _logits(torch_model(torch.from_numpy(_to_nchw(x)))).numpy()
+        if intermediates:
+            mine = jax_intermediates(model64, variables64, jnp.asarray(x))
+            torch_name = info.mapping.torch_name
+            names = {torch_name(tuple(p.split("/"))): p for p in mine}
+            theirs = torch_intermediates(torch_model, torch.from_numpy(_to_nchw(x)), names)
+            inter = {}
+            flat_sizes = {int(np.prod(chw)): chw for chw in info.mapping.flatten_linears.values()}
+            for tname, value in theirs.items():
+                ours = np.asarray(mine[names[tname]])
+                if ours.ndim == 2 and ours.shape[1] in flat_sizes:  # NHWC flatten -> torch's CHW
+                    c, hh, ww = flat_sizes[ours.shape[1]]
+                    ours = ours.reshape(-1, hh, ww, c).transpose(0, 3, 1, 2).reshape(ours.shape[0], -1)
+                if ours.shape == value.shape:
+                    inter[tname] = rel_err(ours, value)
+        out64 = np.asarray(_logits(jax.jit(model64.apply)(variables64, jnp.asarray(x))))
+    result = ParityResult(name, size, rel_err(out64, ref64), inter if intermediates else {})
+
+    if float32:
+        torch32 = copy.deepcopy(torch_model).float().eval()
+        x32 = x.astype(np.float32)
+        with torch.no_grad():
+            ref = _logits(torch_model(torch.from_numpy(_to_nchw(x32.astype(np.float64))))).numpy()
+            out_t32 = _logits(torch32(torch.from_numpy(_to_nchw(x32)))).numpy()
+        model32 = get_model(name, num_classes=num_classes, **overrides)
+        variables32 = from_torchvision(name, _state_dict(torch32), num_classes=num_classes, **overrides)
+        out_j32 = np.asarray(_logits(jax.jit(model32.apply)(variables32, jnp.asarray(x32))))
+        result.f32_jax, result.f32_torch = rel_err(out_j32, ref), rel_err(out_t32, ref)
+    return result
+
+
+def _without_dropout(name: str, overrides: dict | None) -> dict:
+    from jaxconv.registry import _options
+
+    overrides = dict(overrides or {})
+    if "dropout" in _options(model_info(name).build):
+        overrides.setdefault("dropout", 0.0)
+    return overrides
+
+
+def check_train(name: str, torch_model, size: tuple[int, int], batch: int = 4, seed: int = 0,
+                overrides: dict | None = None, disable: Callable[[Any], None] | None = None) -> dict[str, float]:
+    """Train-mode parity in float64: one forward pass in train mode on the same batch.
+
+    Dropout is switched off on both sides (``dropout=0.0`` on the jaxconv model, p=0 on
+    torch's Dropout modules; ``disable`` may switch off more, e.g. stochastic depth).
+    Returns errors for the logits (and auxiliary outputs, as ``aux_i``) and the worst
+    relative error over the updated running statistics (``running_stats``).
+    """
+    torch = _torch()
+    info = model_info(name)
+    overrides = _without_dropout(name, overrides)
+    reference = copy.deepcopy(torch_model).double()
+    for m in reference.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if disable is not None:
+        disable(reference)
+    x = np.random.default_rng(seed + 11).standard_normal((batch, *size, info.input_size[2]))
+    num_classes = overrides.pop("num_classes", None)
+    before = _state_dict(reference)
+    reference.train()
+    with torch.no_grad():
+        ref_out = reference(torch.from_numpy(_to_nchw(x)))
+    after = _state_dict(reference)
+    ref_list = list(ref_out) if isinstance(ref_out, (tuple, list)) else [ref_out]
+    with jax.enable_x64(True):
+        model = get_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
+                          **overrides)
+        variables = from_torchvision(name, before, num_classes=num_classes, **overrides)
+        expected = from_torchvision(name, after, num_classes=num_classes, **overrides)
+        apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                                 rngs={"dropout": jax.random.key(0)}))
+        out, updates = apply(variables, jnp.asarray(x))
+        out_list = list(out) if isinstance(out, (tuple, list)) else [out]
+        errors = {"logits": rel_err(out_list[0], ref_list[0].numpy())}
+        for i, (a, b) in enumerate(zip(out_list[1:], ref_list[1:]), start=1):
+            if a is not None and b is not None:
+                errors[f"aux_{i}"] = rel_err(a, b.numpy())
+        stats = jax.tree.leaves(updates.get("batch_stats", {}))
+        wanted = jax.tree.leaves(expected.get("batch_stats", {}))
+        if len(stats) != len(wanted):
+            raise AssertionError(f"{len(stats)} updated statistics, torch has {len(wanted)}")
+        errors["running_stats"] = max((rel_err(a, b) for a, b in zip(stats, wanted)), default=0.0)
+    return errors
+
+
+def check_grads(name: str, torch_model, size: tuple[int, int], batch: int = 4, seed: int = 0,
+                overrides: dict | None = None, train: bool = True) -> dict[str, float]:
+    """Gradient parity in float64: d(cross-entropy)/d(every parameter) against torch
+    autograd, after the layout transpose. Returns the worst relative error per
+    parameter (keyed by torch name) and ``'loss'``."""
+    torch = _torch()
+    import optax
+
+    info = model_info(name)
+    overrides = _without_dropout(name, overrides)
+    reference = copy.deepcopy(torch_model).double()
+    for m in reference.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    rng = np.random.default_rng(seed + 13)
+    x = rng.standard_normal((batch, *size, info.input_size[2]))
+    num_classes = overrides.pop("num_classes", None) or info.num_classes
+    labels = rng.integers(0, num_classes, batch)
+    state = _state_dict(reference)
+    reference.train(train)
+    out = _logits(reference(torch.from_numpy(_to_nchw(x))))
+    loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(labels))
+    reference.zero_grad()
+    loss.backward()
+    torch_grads = dict(state)
+    for k, p in reference.named_parameters():
+        torch_grads[k] = p.grad.detach().numpy().copy()
+    with jax.enable_x64(True):
+        model = get_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
+                          **overrides)
+        variables = from_torchvision(name, state, num_classes=num_classes, **overrides)
+        expected = from_torchvision(name, torch_grads, num_classes=num_classes, **overrides)["params"]
+
+        def loss_fn(params):
+            rest = {k: v for k, v in variables.items() if k != "params"}
+            if train:
+                logits, _ = model.apply({"params": params, **rest}, jnp.asarray(x), train=True,
+                                        mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+            else:
+                logits = model.apply({"params": params, **rest}, jnp.asarray(x))
+            logits = _logits(logits)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
+
+        value, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+        errors = {"loss": rel_err(value, loss.detach().numpy())}
+        flat_mine = jax.tree_util.tree_flatten_with_path(grads)[0]
+        flat_ref = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+        # A gradient that is zero up to rounding (a conv bias before a train-mode
+        # BatchNorm) is measured against a thousandth of the largest gradient.
+        floor = 1e-3 * max(float(np.max(np.abs(g))) for g in flat_ref.values())
+        for path, g in flat_mine:
+            errors["/".join(p.key for p in path)] = rel_err(g, flat_ref[path], floor)
+    return errors

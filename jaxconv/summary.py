@@ -1,0 +1,131 @@
+"""``jaxconv summary``: a model's layers as torch prints them, with parameters and
+cost per layer; and :func:`intermediates`, the named activations of a forward pass."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+
+def _layer_records(model: nn.Module, input_shape: tuple[int, ...]):
+    """Run ``model.init`` abstractly and record every torch-style layer call in order:
+    (section, module path, module, input shape, output shape)."""
+    records, sections = [], []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module, method = context.module, context.method_name
+        is_root = module.parent is None or not isinstance(module.parent, nn.Module)
+        pushed = is_root and method not in ("__call__", "setup")
+        if pushed:
+            sections.append(method)
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            if pushed:
+                sections.pop()
+        if method == "__call__" and hasattr(module, "torch_repr") and args:
+            section = sections[-1] if sections else None
+            records.append((section, tuple(module.path), module, tuple(args[0].shape), tuple(out.shape)))
+        return out
+
+    with nn.intercept_methods(interceptor):
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32)))
+    return records, shapes
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _subtree(tree, path):
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return {}
+        tree = tree[part]
+    return tree
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def summary(name: str, input_size: tuple[int, int] | None = None, num_classes: int | None = None) -> str:
+    """A torch-style listing of model ``name``: each layer with its output shape,
+    parameters and multiply-accumulates per image, subtotals per section (``features``,
+    ``classifier``, ...) and the totals. FLOPs are counted as 2 x MACs (the GFLOPS that
+    torchvision's model tables quote are MACs)."""
+    from jaxconv.registry import get_model, model_info
+
+    info = model_info(name)
+    h, w, c = info.input_size
+    if input_size is not None:
+        h, w = input_size
+    model = get_model(name, num_classes=num_classes)
+    records, shapes = _layer_records(model, (1, h, w, c))
+    params = shapes.get("params", {})
+    rows, totals, sections_seen = [], {}, set()
+    for section, path, module, in_shape, out_shape in records:
+        n_params = _count(_subtree(params, path))
+        macs = module.macs(in_shape, out_shape)
+        key = section or path[0]
+        if section:
+            sections_seen.add(section)
+        sec = totals.setdefault(key, [0, 0])
+        sec[0] += n_params
+        sec[1] += macs
+        rows.append((key, "/".join(path), module.torch_repr(in_shape), "x".join(map(str, out_shape[1:])),
+                     n_params, macs))
+    total_params, total_macs = _count(params), sum(r[5] for r in rows)
+    width = max(len(r[2]) for r in rows) + 2
+    path_width = max(len(r[1]) for r in rows) + 2
+    lines = [f"{name}: input {h}x{w}x{c}, {total_params:,} parameters, {_human(total_macs)} MACs "
+             f"({_human(2 * total_macs)} FLOPs) per image", ""]
+    header = f"  {'layer':<{path_width}}{'torch module':<{width}}{'output':>14}{'params':>14}{'MACs':>10}"
+    current = None
+    for i, (key, path, text, out, n_params, macs) in enumerate(rows):
+        if key != current:
+            current = key
+            if key in sections_seen:
+                lines += [f"{key}:", header]
+        label = f"  {path:<{path_width}}" if key in sections_seen else f"{path:<{path_width + 2}}"
+        lines.append(f"{label}{text:<{width}}{out:>14}{n_params:>14,}{_human(macs):>10}")
+        if key in sections_seen and (i + 1 == len(rows) or rows[i + 1][0] != key):
+            lines.append(f"  {key}: {totals[key][0]:,} parameters, {_human(totals[key][1])} MACs")
+    lines += ["", f"total: {total_params:,} parameters, {_human(total_macs)} MACs, "
+                  f"{_human(2 * total_macs)} FLOPs per image"]
+    return "\n".join(lines)
+
+
+def intermediates(model: nn.Module, variables: Any, x, train: bool = False,
+                  names: Iterable[str] | None = None, rngs: Any = None) -> dict[str, jax.Array]:
+    """Every submodule's output in one forward pass, keyed by module path
+    (``'features_0'``, ``'layer1_0/conv1'``; the path of a torch module ``a.b.0`` is
+    ``a_b_0``-style as in the variables). ``names`` keeps only those paths."""
+    mutable = ["intermediates"] + (["batch_stats"] if train else [])
+    _, state = model.apply(variables, x, train=train, capture_intermediates=True,
+                           mutable=mutable, rngs=rngs)
+    out: dict[str, jax.Array] = {}
+
+    def walk(tree, path):
+        for key, value in tree.items():
+            if key == "__call__":
+                if path:
+                    out["/".join(path)] = value[0]
+            elif isinstance(value, dict):
+                walk(value, path + (key,))
+
+    walk(jax.tree.map(lambda v: v, dict(state["intermediates"]),
+                      is_leaf=lambda v: isinstance(v, tuple)), ())
+    if names is not None:
+        wanted = list(names)
+        missing = [n for n in wanted if n not in out]
+        if missing:
+            raise KeyError(f"no intermediate named {', '.join(missing)}; available: {', '.join(out)}")
+        out = {n: out[n] for n in wanted}
+    return out
