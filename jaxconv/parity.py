@@ -212,7 +212,7 @@ def check_eval(name: str, torch_model, size: tuple[int, int], batch: int = 2, se
         with torch.no_grad():
             ref64 = _logits(torch_model(torch.from_numpy(_to_nchw(x)))).numpy()
         if intermediates:
-            mine = jax_intermediates(model64, variables64, jnp.asarray(x))
+            mine = jax.jit(lambda v, x: jax_intermediates(model64, v, x))(variables64, jnp.asarray(x))
             torch_name = info.mapping.torch_name
             names = {torch_name(tuple(p.split("/"))): p for p in mine}
             theirs = torch_intermediates(torch_model, torch.from_numpy(_to_nchw(x)), names)

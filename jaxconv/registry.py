@@ -1,7 +1,7 @@
 """Model registry: name -> builder, torchvision name, default input size, preprocessing.
 
 Each family file in ``jaxconv/models`` declares its variants in a ``MODELS`` table
-(``name -> ModelInfo``); this module gathers them. Names are torchvision's wherever
+(``name -> ModelInfo``); this module gathers them from every module of that package. Names are torchvision's wherever
 torchvision has the model.
 """
 from __future__ import annotations
@@ -10,15 +10,13 @@ import difflib
 import functools
 import importlib
 import inspect
+import pkgutil
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 from flax import linen as nn
 
 from jaxconv.convert.mapping import TorchMapping
-
-FAMILIES = ("lenet", "alexnet", "vgg")
-
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -46,10 +44,12 @@ class ModelInfo:
 
 @functools.cache
 def _models() -> dict[str, ModelInfo]:
+    import jaxconv.models
+
     table: dict[str, ModelInfo] = {}
-    for family in FAMILIES:
+    for family in sorted(m.name for m in pkgutil.iter_modules(jaxconv.models.__path__)):
         module = importlib.import_module(f"jaxconv.models.{family}")
-        for name, info in module.MODELS.items():
+        for name, info in getattr(module, "MODELS", {}).items():
             if name in table:
                 raise RuntimeError(f"model '{name}' registered twice")
             table[name] = info
