@@ -31,8 +31,7 @@ def _parity(args) -> int:
     parity.prepare_reference(torch_model, (4, c, h, w), seed=args.seed)
     sizes = [tuple(s) for s in args.size] if args.size else [(h, w)]
     ok = True
-    for size in sizes:
-        result = parity.check_eval(args.name, torch_model, size, batch=args.batch, seed=args.seed)
+    for result in parity.check_eval(args.name, torch_model, sizes, batch=args.batch, seed=args.seed):
         print(result.line())
         ok &= result.ok
     return 0 if ok else 1

@@ -189,56 +189,64 @@ class ParityResult:
         return text + ("  ok" if self.ok else "  FAIL")
 
 
-def check_eval(name: str, torch_model, size: tuple[int, int], batch: int = 2, seed: int = 0,
-               float32: bool = True, intermediates: bool = True, overrides: dict | None = None) -> ParityResult:
+def check_eval(name: str, torch_model, size, batch: int = 2, seed: int = 0,
+               float32: bool = True, intermediates: bool = True, overrides: dict | None = None):
     """Eval-mode parity of jaxconv ``name`` against a *prepared* float64 ``torch_model``
     on a fresh random NHWC batch of ``size``: the float64 mapping check (logits and
-    named intermediates) and, if ``float32``, the float32 rounding check."""
+    named intermediates) and, if ``float32``, the float32 rounding check.
+
+    ``size`` is ``(h, w)`` (returns one :class:`ParityResult`) or a list of sizes
+    (returns a list; the weights are converted once for all of them)."""
     torch = _torch()
     from jaxconv.summary import intermediates as jax_intermediates
 
+    sizes = [tuple(size)] if isinstance(size[0], int) else [tuple(s) for s in size]
     info = model_info(name)
     overrides = dict(overrides or {})
-    torch_model.eval()
-    h, w = size
-    x = np.random.default_rng(seed + 7).standard_normal((batch, h, w, info.input_size[2]))
-    state = _state_dict(torch_model)
     num_classes = overrides.pop("num_classes", None)
-
+    torch_model.eval()
+    torch32 = copy.deepcopy(torch_model).float().eval() if float32 else None
+    results = []
     with jax.enable_x64(True):
         model64 = get_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
                             **overrides)
-        variables64 = from_torchvision(name, state, num_classes=num_classes, **overrides)
-        with torch.no_grad():
-            ref64 = _logits(torch_model(torch.from_numpy(_to_nchw(x)))).numpy()
-        if intermediates:
-            mine = jax.jit(lambda v, x: jax_intermediates(model64, v, x))(variables64, jnp.asarray(x))
-            torch_name = info.mapping.torch_name
-            names = {torch_name(tuple(p.split("/"))): p for p in mine}
-            theirs = torch_intermediates(torch_model, torch.from_numpy(_to_nchw(x)), names)
+        variables64 = from_torchvision(name, _state_dict(torch_model), num_classes=num_classes, **overrides)
+        apply64 = jax.jit(model64.apply)
+        inter64 = jax.jit(lambda v, x: jax_intermediates(model64, v, x))
+        for i, (h, w) in enumerate(sizes):
+            x = np.random.default_rng(seed + 7 + i).standard_normal((batch, h, w, info.input_size[2]))
+            with torch.no_grad():
+                ref64 = _logits(torch_model(torch.from_numpy(_to_nchw(x)))).numpy()
             inter = {}
-            flat_sizes = {int(np.prod(chw)): chw for chw in info.mapping.flatten_linears.values()}
-            for tname, value in theirs.items():
-                ours = np.asarray(mine[names[tname]])
-                if ours.ndim == 2 and ours.shape[1] in flat_sizes:  # NHWC flatten -> torch's CHW
-                    c, hh, ww = flat_sizes[ours.shape[1]]
-                    ours = ours.reshape(-1, hh, ww, c).transpose(0, 3, 1, 2).reshape(ours.shape[0], -1)
-                if ours.shape == value.shape:
-                    inter[tname] = rel_err(ours, value)
-        out64 = np.asarray(_logits(jax.jit(model64.apply)(variables64, jnp.asarray(x))))
-    result = ParityResult(name, size, rel_err(out64, ref64), inter if intermediates else {})
-
+            if intermediates:
+                mine = inter64(variables64, jnp.asarray(x))
+                torch_name = info.mapping.torch_name
+                names = {torch_name(tuple(p.split("/"))): p for p in mine}
+                theirs = torch_intermediates(torch_model, torch.from_numpy(_to_nchw(x)), names)
+                flat_sizes = {int(np.prod(chw)): chw for chw in info.mapping.flatten_linears.values()}
+                for tname, value in theirs.items():
+                    ours = np.asarray(mine[names[tname]])
+                    if ours.ndim == 2 and ours.shape[1] in flat_sizes:  # NHWC flatten -> torch's CHW
+                        c, hh, ww = flat_sizes[ours.shape[1]]
+                        ours = ours.reshape(-1, hh, ww, c).transpose(0, 3, 1, 2).reshape(ours.shape[0], -1)
+                    if ours.shape == value.shape:
+                        inter[tname] = rel_err(ours, value)
+            out64 = np.asarray(_logits(apply64(variables64, jnp.asarray(x))))
+            results.append(ParityResult(name, (h, w), rel_err(out64, ref64), inter))
+    del variables64
     if float32:
-        torch32 = copy.deepcopy(torch_model).float().eval()
-        x32 = x.astype(np.float32)
-        with torch.no_grad():
-            ref = _logits(torch_model(torch.from_numpy(_to_nchw(x32.astype(np.float64))))).numpy()
-            out_t32 = _logits(torch32(torch.from_numpy(_to_nchw(x32)))).numpy()
         model32 = get_model(name, num_classes=num_classes, **overrides)
         variables32 = from_torchvision(name, _state_dict(torch32), num_classes=num_classes, **overrides)
-        out_j32 = np.asarray(_logits(jax.jit(model32.apply)(variables32, jnp.asarray(x32))))
-        result.f32_jax, result.f32_torch = rel_err(out_j32, ref), rel_err(out_t32, ref)
-    return result
+        apply32 = jax.jit(model32.apply)
+        for i, (result, (h, w)) in enumerate(zip(results, sizes)):
+            x32 = np.random.default_rng(seed + 7 + i).standard_normal(
+                (batch, h, w, info.input_size[2])).astype(np.float32)
+            with torch.no_grad():
+                ref = _logits(torch_model(torch.from_numpy(_to_nchw(x32.astype(np.float64))))).numpy()
+                out_t32 = _logits(torch32(torch.from_numpy(_to_nchw(x32)))).numpy()
+            out_j32 = np.asarray(_logits(apply32(variables32, jnp.asarray(x32))))
+            result.f32_jax, result.f32_torch = rel_err(out_j32, ref), rel_err(out_t32, ref)
+    return results[0] if isinstance(size[0], int) else results
 
 
 def _without_dropout(name: str, overrides: dict | None) -> dict:
