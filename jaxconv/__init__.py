@@ -6,6 +6,7 @@ A model is ``(module, variables)``: ``model = get_model(name)``, variables from
 ``model.apply(variables, x, train=False)`` with ``x`` an NHWC float batch.
 """
 from jaxconv.convert import MappingError, PthError, from_torchvision, read_pth
+from jaxconv.pretrained import load_pretrained
 from jaxconv.registry import Preprocessing, get_model, list_models, model_info
 from jaxconv.serialization import load_variables, save_variables
 from jaxconv.summary import intermediates, summary

@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = (
     "jaxconv.cli_models",   # list, summary, parity
+    "jaxconv.train.cli",    # train, eval
 )
 
 

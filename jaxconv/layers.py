@@ -457,3 +457,165 @@ def run_sequence(module: nn.Module, names: Sequence[str], x, train: bool = False
     for name in names:
         x = getattr(module, name)(x, train=train)
     return x
+
+
+def torch_trunc_normal(std: float, mean: float = 0.0, a: float = -2.0, b: float = 2.0) -> Initializer:
+    """torch's ``trunc_normal_(mean, std, a, b)``: N(mean, std) cut at the *absolute*
+    bounds ``[a, b]`` (not at ``a`` standard deviations), as torchvision's GoogLeNet and
+    Inception-v3 ``init_weights`` call it with ``a=-2, b=2``."""
+    if std <= 0:
+        raise ValueError(f"torch_trunc_normal: std must be positive, got {std}")
+
+    def init(key, shape, dtype=jnp.float32):
+        z = jax.random.truncated_normal(key, (a - mean) / std, (b - mean) / std, shape, dtype)
+        return z * jnp.asarray(std, dtype) + jnp.asarray(mean, dtype)
+
+    return init
+
+
+# ----------------------------------------------------------------------------- EfficientNet's layers
+
+class SiLU(nn.Module):
+    """torch.nn.SiLU: ``x * sigmoid(x)`` (a.k.a. swish)."""
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return x * jax.nn.sigmoid(x)
+
+    def torch_repr(self, in_shape) -> str:
+        return "SiLU(inplace=True)"
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+class ReLU6(nn.Module):
+    """torch.nn.ReLU6: ``min(max(x, 0), 6)``."""
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return jnp.minimum(jnp.maximum(x, 0), 6)
+
+    def torch_repr(self, in_shape) -> str:
+        return "ReLU6(inplace=True)"
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+class Sigmoid(nn.Module):
+    """torch.nn.Sigmoid."""
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return jax.nn.sigmoid(x)
+
+    def torch_repr(self, in_shape) -> str:
+        return "Sigmoid()"
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision.ops.SqueezeExcitation: ``x * sigmoid(fc2(act(fc1(avgpool(x)))))``.
+
+    fc1 and fc2 are 1x1 convolutions with bias (torch's ``fc1``/``fc2`` Conv2d), so the
+    submodules and their torch names are ``avgpool``, ``fc1``, ``activation``, ``fc2``,
+    ``scale_activation``. ``activation_layer`` builds the inner activation (torch's
+    default ReLU; EfficientNet uses SiLU).
+    """
+    squeeze_channels: int
+    activation_layer: Callable[[], nn.Module] = ReLU
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        def conv(features, name):
+            return Conv2d(features, 1, dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernel_init=self.kernel_init, bias_init=self.bias_init, name=name)
+
+        scale = AdaptiveAvgPool2d(1, name="avgpool")(x)
+        scale = conv(self.squeeze_channels, name="fc1")(scale)
+        scale = self.activation_layer(name="activation")(scale)
+        scale = conv(x.shape[-1], name="fc2")(scale)
+        scale = Sigmoid(name="scale_activation")(scale)
+        return scale * x.astype(self.dtype)
+
+
+class StochasticDepth(nn.Module):
+    """torchvision.ops.StochasticDepth: in train mode zero a residual branch with
+    probability ``p`` per sample (``mode='row'``) or for the whole batch (``'batch'``)
+    and scale the survivors by ``1 / (1 - p)``; the identity in eval mode. The mask
+    draws from the ``'dropout'`` rng."""
+    p: float
+    mode: str = "row"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"drop probability has to be between 0 and 1, but got {self.p}")
+        if self.mode not in ("row", "batch"):
+            raise ValueError(f"mode has to be either 'batch' or 'row', but got {self.mode}")
+        if not train or self.p == 0.0:
+            return x
+        survival = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1) if self.mode == "row" else (1,) * x.ndim
+        noise = jax.random.bernoulli(self.make_rng("dropout"), survival, shape).astype(x.dtype)
+        if survival > 0.0:
+            noise = noise / jnp.asarray(survival, x.dtype)
+        return x * noise
+
+    def torch_repr(self, in_shape) -> str:
+        return f"StochasticDepth(p={self.p}, mode={self.mode})"
+
+    def macs(self, in_shape, out_shape) -> int:
+        return 0
+
+
+class DepthwiseConv2d(Conv2d):
+    """A depthwise Conv2d (``groups == in_channels == features``), same parameters and
+    torch mapping as :class:`Conv2d`; computed through ``feature_group_count`` except in
+    float64. XLA:CPU rewrites a float64 grouped convolution into a dense one with a
+    block-diagonal kernel (C times the work and memory: gigabytes and minutes for
+    EfficientNet-B7's 3840-channel layers), so float64 (the parity check's dtype) sums
+    the kh*kw shifted taps instead, which is exact up to float64 rounding.
+    """
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        c = x.shape[-1]
+        if self.groups != c or self.features != c:
+            raise ValueError(f"DepthwiseConv2d {self.name}: needs groups == in == out channels, got "
+                             f"in={c} out={self.features} groups={self.groups}")
+        (kh, kw), (sh, sw), (dh, dw) = _pair(self.kernel_size), _pair(self.stride), _pair(self.dilation)
+        kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init(),
+                            (kh, kw, 1, c), self.param_dtype)
+        if isinstance(self.padding, str):
+            pads = tuple(lax.padtype_to_pads(x.shape[1:3], ((kh - 1) * dh + 1, (kw - 1) * dw + 1),
+                                             (sh, sw), self.padding))
+        else:
+            pads = _padding_pairs(self.padding, f"DepthwiseConv2d {self.name}")
+        x, k = x.astype(self.dtype), kernel.astype(self.dtype)
+        if jnp.dtype(self.dtype) == jnp.float64:
+            xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+            oh = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+            ow = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+            if oh < 1 or ow < 1:
+                raise ValueError(f"DepthwiseConv2d {self.name}: input {_dims(x.shape[1:3])} is too small "
+                                 f"for a {kh}x{kw} kernel with padding {pads}")
+            y = None
+            for i in range(kh):
+                for j in range(kw):
+                    tap = lax.slice(xp, (0, i * dh, j * dw, 0),
+                                    (xp.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
+                                    (1, sh, sw, 1))
+                    y = tap * k[i, j, 0] if y is None else y + tap * k[i, j, 0]
+        else:
+            y = lax.conv_general_dilated(x, k, window_strides=(sh, sw), padding=pads, rhs_dilation=(dh, dw),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init or torch_default_bias_init(kh * kw),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y

@@ -40,6 +40,10 @@ class ModelInfo:
     num_classes: int = 1000
     torchvision: str | None = None                       # torchvision's builder name, if any
     preprocessing: Preprocessing = field(default=IMAGENET)
+    # model options that torchvision's published weights are built with and that a
+    # loader of those weights must pass to get_model (googlenet and inception_v3:
+    # transform_input=True, which torchvision's builders switch on for their weights)
+    weights_options: dict[str, Any] = field(default_factory=dict)
 
 
 @functools.cache

@@ -81,6 +81,8 @@ def summary(name: str, input_size: tuple[int, int] | None = None, num_classes: i
         sec[1] += macs
         rows.append((key, "/".join(path), module.torch_repr(in_shape), "x".join(map(str, out_shape[1:])),
                      n_params, macs))
+    bound = model.bind(shapes)
+    blocks = [_block_of(bound, record[1]) for record in records]
     total_params, total_macs = _count(params), sum(r[5] for r in rows)
     width = max(len(r[2]) for r in rows) + 2
     path_width = max(len(r[1]) for r in rows) + 2
@@ -95,11 +97,40 @@ def summary(name: str, input_size: tuple[int, int] | None = None, num_classes: i
                 lines += [f"{key}:", header]
         label = f"  {path:<{path_width}}" if key in sections_seen else f"{path:<{path_width + 2}}"
         lines.append(f"{label}{text:<{width}}{out:>14}{n_params:>14,}{_human(macs):>10}")
+        if blocks[i] is not None and (i + 1 == len(rows) or blocks[i + 1] != blocks[i]):
+            lines.append(_block_line(blocks, rows, i, params, key in sections_seen, path_width, width))
         if key in sections_seen and (i + 1 == len(rows) or rows[i + 1][0] != key):
             lines.append(f"  {key}: {totals[key][0]:,} parameters, {_human(totals[key][1])} MACs")
     lines += ["", f"total: {total_params:,} parameters, {_human(total_macs)} MACs, "
                   f"{_human(2 * total_macs)} FLOPs per image"]
     return "\n".join(lines)
+
+
+def _block_of(root: nn.Module, path: tuple[str, ...]):
+    """(path, label) of the innermost module enclosing the layer at ``path`` that asks
+    for a subtotal line in the summary (one with a ``summary_label()`` method, e.g.
+    ResNet's blocks), or None. ``root`` is the bound model."""
+    node, found = root, None
+    for k, part in enumerate(path[:-1]):
+        try:
+            node = getattr(node, part)
+        except Exception:  # a submodule defined inline (nn.compact) is not an attribute
+            break
+        if not isinstance(node, nn.Module):
+            break
+        if callable(getattr(node, "summary_label", None)):
+            found = (tuple(path[:k + 1]), node.summary_label())
+    return found
+
+
+def _block_line(blocks, rows, i, params, indent: bool, path_width: int, width: int) -> str:
+    """The subtotal line of the block that ends at row ``i``: its parameters and MACs."""
+    path, label = blocks[i]
+    macs = sum(r[5] for r, b in zip(rows, blocks) if b is not None and b[0] == path)
+    text = f"= {'/'.join(path)}: {label}"
+    pad = path_width + (2 if indent else 0)
+    return (f"  {'':<{pad}}{text:<{width + 14}}{_count(_subtree(params, path)):>14,}"
+            f"{_human(macs):>10}")
 
 
 def intermediates(model: nn.Module, variables: Any, x, train: bool = False,

@@ -74,5 +74,6 @@ def from_torchvision(name: str, source: Any, **overrides) -> dict[str, Any]:
             overrides["num_classes"] = int(state_dict[head].shape[0])
     model = get_model(name, **overrides)
     h, w, c = info.input_size
+    c = getattr(model, "in_channels", c)  # e.g. a CIFAR ResNet built for 1-channel input
     target = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, h, w, c), np.float32)))
     return convert_state_dict(state_dict, target, info.mapping, model_name=name)

@@ -124,8 +124,8 @@ def read_pth(path: str | os.PathLike) -> Any:
     """Read a ``torch.save``'d state_dict (or nested dicts of tensors) as numpy arrays.
 
     Raises :class:`PthError` naming the file for anything that is not such a file:
-    a truncated or corrupt archive, one without its pickle, the legacy (pre-1.6) format,
-    or a pickle that asks for anything but tensors and dicts.
+    a truncated or corrupt archive, one without its pickle, or a pickle that asks for
+    anything but tensors and dicts. torch's legacy (pre-1.6) format is read as well.
     """
     where = os.fspath(path)
     if not os.path.isfile(where):
@@ -134,8 +134,7 @@ def read_pth(path: str | os.PathLike) -> Any:
         with open(where, "rb") as f:
             head = f.read(16)
         if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
-            raise PthError(f"{where}: this is torch's legacy (pre-1.6) pickle format, which is not "
-                           f"read; re-save it with a current torch: torch.save(torch.load(path), path)")
+            return _read_legacy(where)  # torch's legacy (pre-1.6) pickle format
         if head[:4] == b"PK\x03\x04":
             raise PthError(f"{where}: truncated or corrupt zip archive")
         raise PthError(f"{where}: not a torch checkpoint (expected the zip format of torch.save)")
@@ -160,3 +159,103 @@ def read_pth(path: str | os.PathLike) -> Any:
                     raise PthError(f"{where}: unreadable pickle in {pickles[0]}: {e}") from e
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise PthError(f"{where}: truncated or corrupt torch checkpoint ({e})") from e
+
+
+# ----------------------------------------------------------------------------- legacy format
+
+class _LegacyTensor:
+    """A tensor of a legacy file, rebuilt once its storage's bytes (which follow the
+    pickle in the file) have been read."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    """The pickles of torch's legacy (pre-1.6) format: the same safe globals as the zip
+    format, storages as 6-tuples ``('storage', type, key, location, numel, view)``."""
+
+    def __init__(self, file: BinaryIO, where: str):
+        super().__init__(file)
+        self._where = where
+        self.storages: dict[str, tuple[np.dtype, int]] = {}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: _LegacyTensor(storage, offset, size, stride)
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise PthError(
+                f"{self._where}: refused to load '{module}.{name}': only state_dicts of tensors are "
+                f"read; the file asks for another Python object, which could run code") from None
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise PthError(f"{self._where}: unsupported persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel, view = pid
+        key = str(key)
+        known = self.storages.setdefault(key, (storage_type.dtype, int(numel)))
+        if known[0] != storage_type.dtype:
+            raise PthError(f"{self._where}: storage '{key}' is used with two dtypes")
+        view_offset = 0
+        if view is not None:  # (view key, offset, size) into the root storage
+            view_offset = int(view[1])
+        return (key, view_offset)
+
+
+def _resolve_legacy(obj, storages: dict[str, np.ndarray]):
+    if isinstance(obj, _LegacyTensor):
+        key, view_offset = obj.storage
+        return _rebuild_tensor(storages[key], view_offset + int(obj.offset), obj.size, obj.stride)
+    if isinstance(obj, dict):
+        out = type(obj)() if isinstance(obj, collections.OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = _resolve_legacy(v, storages)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_resolve_legacy(v, storages) for v in obj)
+    return obj
+
+
+def _read_legacy(where: str) -> Any:
+    """torch's legacy (pre-1.6) format: pickles of the magic number, the protocol
+    version, the system info and the object, a pickle of the storage keys, then each
+    storage as an int64 element count followed by its raw bytes."""
+    try:
+        with open(where, "rb") as f:
+            if _LegacyUnpickler(f, where).load() != _LEGACY_MAGIC:
+                raise PthError(f"{where}: not a torch checkpoint (bad magic number)")
+            if _LegacyUnpickler(f, where).load() != 1001:
+                raise PthError(f"{where}: unknown legacy torch protocol version")
+            sys_info = _LegacyUnpickler(f, where).load()
+            order = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
+            unpickler = _LegacyUnpickler(f, where)
+            result = unpickler.load()
+            keys = _LegacyUnpickler(f, where).load()
+            storages = {}
+            for key in keys:
+                key = str(key)
+                if key not in unpickler.storages:
+                    raise PthError(f"{where}: storage '{key}' is not used by the pickle")
+                dtype, numel = unpickler.storages[key]
+                head = f.read(8)
+                if len(head) != 8:
+                    raise PthError(f"{where}: truncated legacy checkpoint")
+                count = int(np.frombuffer(head, np.dtype(f"{order}i8"))[0])
+                if count < numel:
+                    raise PthError(f"{where}: storage '{key}' holds {count} elements, fewer than "
+                                   f"its tensors need ({numel})")
+                raw = f.read(count * dtype.itemsize)
+                if len(raw) != count * dtype.itemsize:
+                    raise PthError(f"{where}: truncated legacy checkpoint")
+                storages[key] = np.frombuffer(raw, dtype.newbyteorder(order)).astype(dtype, copy=False)
+            missing = set(unpickler.storages) - set(storages)
+            if missing:
+                raise PthError(f"{where}: storages {sorted(missing)[:3]} are missing from the file")
+            return _resolve_legacy(result, storages)
+    except PthError:
+        raise
+    except Exception as e:  # malformed pickle stream or truncated file
+        raise PthError(f"{where}: unreadable legacy torch checkpoint: {e}") from e

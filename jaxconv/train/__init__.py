@@ -1,0 +1,38 @@
+"""Training: train state, jitted steps, optimizers and schedules, the loop, checkpoints, metrics.
+
+``train(model=..., data=..., ...)`` and ``evaluate(model, data, ...)`` are the Python API
+behind ``jaxconv train`` and ``jaxconv eval``. Names are imported lazily, so that
+``jaxconv --help`` does not pay for orbax and grain.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+_EXPORTS = {
+    "jaxconv.train.checkpoint": ("CheckpointError", "Checkpoints"),
+    "jaxconv.train.losses": ("AUX_LOSS_WEIGHTS", "cross_entropy", "model_loss", "register_aux_weights"),
+    "jaxconv.train.loop": ("TrainConfig", "TrainingDiverged", "TrainResult", "evaluate", "evaluate_on",
+                           "setup_model", "train"),
+    "jaxconv.train.optim": ("OptimConfig", "make_optimizer", "make_schedule"),
+    "jaxconv.train.state": ("TrainState", "init_state"),
+    "jaxconv.train.step": ("make_eval_step", "make_train_step", "train_step_fn"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+# weights trained with this loop, shipped in the repository's weights/ directory
+TRAINED_WEIGHTS = {"lenet5": "lenet5_fashion_mnist.npz"}
+
+
+def weights_path(filename: str) -> str:
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
+                                         "weights", filename))
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'jaxconv.train' has no attribute {name!r}")
+
+
+__all__ = sorted([*_WHERE, "TRAINED_WEIGHTS", "weights_path"])
