@@ -189,6 +189,27 @@ class ParityResult:
         return text + ("  ok" if self.ok else "  FAIL")
 
 
+def compile_all(lowered: list) -> list:
+    """Compile ``lowered`` programs two at a time (XLA releases the GIL while it compiles).
+
+    With XLA's default options: lowering LLVM's optimisation level shortens a compile but
+    runs float64 convolutions (which XLA:CPU emits as loops) several times slower, a net
+    loss (ResNet-50 at 224: 31 s against 56 s; a VGG11-BN gradient: minutes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda program: program.compile(), lowered))
+
+
+def _flat_to_torch(ours: np.ndarray, flatten_linears) -> np.ndarray:
+    """A flattened NHWC map in torch's CHW order, for comparing a flatten's output."""
+    flat_sizes = {int(np.prod(chw)): chw for chw in flatten_linears.values()}
+    if ours.ndim == 2 and ours.shape[1] in flat_sizes:
+        c, hh, ww = flat_sizes[ours.shape[1]]
+        return ours.reshape(-1, hh, ww, c).transpose(0, 3, 1, 2).reshape(ours.shape[0], -1)
+    return ours
+
+
 def check_eval(name: str, torch_model, size, batch: int = 2, seed: int = 0,
                float32: bool = True, intermediates: bool = True, overrides: dict | None = None):
     """Eval-mode parity of jaxconv ``name`` against a *prepared* float64 ``torch_model``
@@ -196,7 +217,8 @@ def check_eval(name: str, torch_model, size, batch: int = 2, seed: int = 0,
     named intermediates) and, if ``float32``, the float32 rounding check.
 
     ``size`` is ``(h, w)`` (returns one :class:`ParityResult`) or a list of sizes
-    (returns a list; the weights are converted once for all of them)."""
+    (returns a list; the weights are converted once and every program is compiled
+    before any runs, two at a time)."""
     torch = _torch()
     from jaxconv.summary import intermediates as jax_intermediates
 
@@ -204,50 +226,54 @@ def check_eval(name: str, torch_model, size, batch: int = 2, seed: int = 0,
     info = model_info(name)
     overrides = dict(overrides or {})
     num_classes = overrides.pop("num_classes", None)
+    channels = overrides.get("in_channels", info.input_size[2])
     torch_model.eval()
-    torch32 = copy.deepcopy(torch_model).float().eval() if float32 else None
-    results = []
+    xs = [np.random.default_rng(seed + 7 + i).standard_normal((batch, h, w, channels))
+          for i, (h, w) in enumerate(sizes)]
     with jax.enable_x64(True):
         model64 = get_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
                             **overrides)
         variables64 = from_torchvision(name, _state_dict(torch_model), num_classes=num_classes, **overrides)
-        apply64 = jax.jit(model64.apply)
-        # the logits come out of the same compiled pass as the intermediates (one compile)
-        inter64 = jax.jit(lambda v, x: (jax_intermediates(model64, v, x), model64.apply(v, x)))
-        for i, (h, w) in enumerate(sizes):
-            x = np.random.default_rng(seed + 7 + i).standard_normal((batch, h, w, info.input_size[2]))
-            with torch.no_grad():
-                ref64 = _logits(torch_model(torch.from_numpy(_to_nchw(x)))).numpy()
-            inter, out64 = {}, None
-            if intermediates:
-                mine, out64 = inter64(variables64, jnp.asarray(x))
-                torch_name = info.mapping.torch_name
-                names = {torch_name(tuple(p.split("/"))): p for p in mine}
-                theirs = torch_intermediates(torch_model, torch.from_numpy(_to_nchw(x)), names)
-                flat_sizes = {int(np.prod(chw)): chw for chw in info.mapping.flatten_linears.values()}
-                for tname, value in theirs.items():
-                    ours = np.asarray(mine[names[tname]])
-                    if ours.ndim == 2 and ours.shape[1] in flat_sizes:  # NHWC flatten -> torch's CHW
-                        c, hh, ww = flat_sizes[ours.shape[1]]
-                        ours = ours.reshape(-1, hh, ww, c).transpose(0, 3, 1, 2).reshape(ours.shape[0], -1)
-                    if ours.shape == value.shape:
-                        inter[tname] = rel_err(ours, value)
-            if out64 is None:
-                out64 = apply64(variables64, jnp.asarray(x))
-            out64 = np.asarray(_logits(out64))
-            results.append(ParityResult(name, (h, w), rel_err(out64, ref64), inter))
-    del variables64
+        if intermediates:   # the logits come out of the same program as the intermediates
+            pass64 = jax.jit(lambda v, x: (jax_intermediates(model64, v, x), model64.apply(v, x)))
+        else:
+            pass64 = jax.jit(lambda v, x: ({}, model64.apply(v, x)))
+        lowered = [pass64.lower(variables64, jnp.asarray(x)) for x in xs]
     if float32:
         model32 = get_model(name, num_classes=num_classes, **overrides)
-        variables32 = from_torchvision(name, _state_dict(torch32), num_classes=num_classes, **overrides)
+        variables32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables64)
         apply32 = jax.jit(model32.apply)
-        for i, (result, (h, w)) in enumerate(zip(results, sizes)):
-            x32 = np.random.default_rng(seed + 7 + i).standard_normal(
-                (batch, h, w, info.input_size[2])).astype(np.float32)
+        lowered += [apply32.lower(variables32, jnp.asarray(x, jnp.float32)) for x in xs]
+    programs = compile_all(lowered)
+    results = []
+    torch_name = info.mapping.torch_name
+    with jax.enable_x64(True):
+        for (h, w), x, program in zip(sizes, xs, programs):
+            with torch.no_grad():
+                ref64 = _logits(torch_model(torch.from_numpy(_to_nchw(x)))).numpy()
+            mine, out64 = program(variables64, jnp.asarray(x))
+            inter = {}
+            if mine:
+                names = {torch_name(tuple(p.split("/"))): p for p in mine}
+                theirs = torch_intermediates(torch_model, torch.from_numpy(_to_nchw(x)), names)
+                for tname, value in theirs.items():
+                    ours = _flat_to_torch(np.asarray(mine[names[tname]]), info.mapping.flatten_linears)
+                    if ours.shape == value.shape:
+                        inter[tname] = rel_err(ours, value)
+            result = ParityResult(name, (h, w), rel_err(np.asarray(_logits(out64)), ref64), inter)
+            result.reference = ref64
+            results.append(result)
+    del variables64
+    if float32:
+        torch32 = copy.deepcopy(torch_model).float().eval()
+        for result, x, program in zip(results, xs, programs[len(xs):]):
+            x32 = x.astype(np.float32)
+            with torch.no_grad():
+                out_t32 = _logits(torch32(torch.from_numpy(_to_nchw(x32)))).numpy()
+            out_j32 = np.asarray(_logits(program(variables32, jnp.asarray(x32))))
+            # the reference: torch64 on the float32 input
             with torch.no_grad():
                 ref = _logits(torch_model(torch.from_numpy(_to_nchw(x32.astype(np.float64))))).numpy()
-                out_t32 = _logits(torch32(torch.from_numpy(_to_nchw(x32)))).numpy()
-            out_j32 = np.asarray(_logits(apply32(variables32, jnp.asarray(x32))))
             result.f32_jax, result.f32_torch = rel_err(out_j32, ref), rel_err(out_t32, ref)
     return results[0] if isinstance(size[0], int) else results
 
@@ -261,14 +287,31 @@ def _without_dropout(name: str, overrides: dict | None) -> dict:
     return overrides
 
 
+def _grad_errors(grads, expected) -> dict[str, float]:
+    """Per-parameter relative errors (keyed ``grad:<path>``). A gradient that is zero up
+    to rounding (a conv bias before a train-mode BatchNorm) is measured against a
+    thousandth of the largest gradient."""
+    flat_mine = jax.tree_util.tree_flatten_with_path(grads)[0]
+    flat_ref = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    if len(flat_mine) != len(flat_ref):
+        raise AssertionError(f"{len(flat_mine)} gradients, torch has {len(flat_ref)}")
+    floor = 1e-3 * max(float(np.max(np.abs(g))) for g in flat_ref.values())
+    return {"grad:" + "/".join(p.key for p in path): rel_err(g, flat_ref[path], floor)
+            for path, g in flat_mine}
+
+
 def check_train(name: str, torch_model, size: tuple[int, int], batch: int = 4, seed: int = 0,
-                overrides: dict | None = None, disable: Callable[[Any], None] | None = None) -> dict[str, float]:
+                overrides: dict | None = None, disable: Callable[[Any], None] | None = None,
+                grads: bool = False) -> dict[str, float]:
     """Train-mode parity in float64: one forward pass in train mode on the same batch.
 
     Dropout is switched off on both sides (``dropout=0.0`` on the jaxconv model, p=0 on
     torch's Dropout modules; ``disable`` may switch off more, e.g. stochastic depth).
     Returns errors for the logits (and auxiliary outputs, as ``aux_i``) and the worst
-    relative error over the updated running statistics (``running_stats``).
+    relative error over the updated running statistics (``running_stats``). With
+    ``grads=True`` the same compiled program also differentiates the cross-entropy of
+    the logits against random labels: ``loss`` and one ``grad:<path>`` entry per
+    parameter, against torch autograd after the layout transpose.
     """
     torch = _torch()
     info = model_info(name)
@@ -279,22 +322,40 @@ def check_train(name: str, torch_model, size: tuple[int, int], batch: int = 4, s
             m.p = 0.0
     if disable is not None:
         disable(reference)
-    x = np.random.default_rng(seed + 11).standard_normal((batch, *size, info.input_size[2]))
+    channels = overrides.get("in_channels", info.input_size[2])
+    rng = np.random.default_rng(seed + 11)
+    x = rng.standard_normal((batch, *size, channels))
     num_classes = overrides.pop("num_classes", None)
+    labels = rng.integers(0, num_classes or info.num_classes, batch)
     before = _state_dict(reference)
     reference.train()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grads):
         ref_out = reference(torch.from_numpy(_to_nchw(x)))
+        if grads:
+            loss = torch.nn.functional.cross_entropy(_logits(ref_out), torch.from_numpy(labels))
+            loss.backward()
     after = _state_dict(reference)
-    ref_list = list(ref_out) if isinstance(ref_out, (tuple, list)) else [ref_out]
+    ref_list = [o.detach() for o in (ref_out if isinstance(ref_out, (tuple, list)) else [ref_out])]
     with jax.enable_x64(True):
         model = get_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
                           **overrides)
         variables = from_torchvision(name, before, num_classes=num_classes, **overrides)
         expected = from_torchvision(name, after, num_classes=num_classes, **overrides)
-        apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                                 rngs={"dropout": jax.random.key(0)}))
-        out, updates = apply(variables, jnp.asarray(x))
+        rest = {k: v for k, v in variables.items() if k != "params"}
+
+        def loss_fn(params, x):
+            out, updates = model.apply({"params": params, **rest}, x, train=True, mutable=["batch_stats"],
+                                       rngs={"dropout": jax.random.key(0)})
+            logits = _logits(out)
+            onehot = jax.nn.one_hot(jnp.asarray(labels), logits.shape[-1], dtype=logits.dtype)
+            return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), (out, updates)
+
+        if grads:
+            step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+        else:
+            step = jax.jit(lambda p, x: (loss_fn(p, x), None))
+        program = step.lower(variables["params"], jnp.asarray(x)).compile()
+        (value, (out, updates)), g = program(variables["params"], jnp.asarray(x))
         out_list = list(out) if isinstance(out, (tuple, list)) else [out]
         errors = {"logits": rel_err(out_list[0], ref_list[0].numpy())}
         for i, (a, b) in enumerate(zip(out_list[1:], ref_list[1:]), start=1):
@@ -305,59 +366,19 @@ def check_train(name: str, torch_model, size: tuple[int, int], batch: int = 4, s
         if len(stats) != len(wanted):
             raise AssertionError(f"{len(stats)} updated statistics, torch has {len(wanted)}")
         errors["running_stats"] = max((rel_err(a, b) for a, b in zip(stats, wanted)), default=0.0)
+        if grads:
+            torch_grads = dict(before, **{k: p.grad.numpy().copy() for k, p in reference.named_parameters()})
+            expected_grads = from_torchvision(name, torch_grads, num_classes=num_classes, **overrides)["params"]
+            errors["loss"] = rel_err(value, loss.item())
+            errors.update(_grad_errors(g, expected_grads))
     return errors
 
 
 def check_grads(name: str, torch_model, size: tuple[int, int], batch: int = 4, seed: int = 0,
-                overrides: dict | None = None, train: bool = True) -> dict[str, float]:
-    """Gradient parity in float64: d(cross-entropy)/d(every parameter) against torch
-    autograd, after the layout transpose. Returns the worst relative error per
-    parameter (keyed by torch name) and ``'loss'``."""
-    torch = _torch()
-    import optax
-
-    info = model_info(name)
-    overrides = _without_dropout(name, overrides)
-    reference = copy.deepcopy(torch_model).double()
-    for m in reference.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    rng = np.random.default_rng(seed + 13)
-    x = rng.standard_normal((batch, *size, info.input_size[2]))
-    num_classes = overrides.pop("num_classes", None) or info.num_classes
-    labels = rng.integers(0, num_classes, batch)
-    state = _state_dict(reference)
-    reference.train(train)
-    out = _logits(reference(torch.from_numpy(_to_nchw(x))))
-    loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(labels))
-    reference.zero_grad()
-    loss.backward()
-    torch_grads = dict(state)
-    for k, p in reference.named_parameters():
-        torch_grads[k] = p.grad.detach().numpy().copy()
-    with jax.enable_x64(True):
-        model = get_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
-                          **overrides)
-        variables = from_torchvision(name, state, num_classes=num_classes, **overrides)
-        expected = from_torchvision(name, torch_grads, num_classes=num_classes, **overrides)["params"]
-
-        def loss_fn(params):
-            rest = {k: v for k, v in variables.items() if k != "params"}
-            if train:
-                logits, _ = model.apply({"params": params, **rest}, jnp.asarray(x), train=True,
-                                        mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
-            else:
-                logits = model.apply({"params": params, **rest}, jnp.asarray(x))
-            logits = _logits(logits)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
-
-        value, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
-        errors = {"loss": rel_err(value, loss.detach().numpy())}
-        flat_mine = jax.tree_util.tree_flatten_with_path(grads)[0]
-        flat_ref = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-        # A gradient that is zero up to rounding (a conv bias before a train-mode
-        # BatchNorm) is measured against a thousandth of the largest gradient.
-        floor = 1e-3 * max(float(np.max(np.abs(g))) for g in flat_ref.values())
-        for path, g in flat_mine:
-            errors["/".join(p.key for p in path)] = rel_err(g, flat_ref[path], floor)
-    return errors
+                overrides: dict | None = None) -> dict[str, float]:
+    """Gradient parity in float64: d(cross-entropy)/d(every parameter) in train mode
+    against torch autograd, after the layout transpose (:func:`check_train` with
+    ``grads=True``). Returns ``'loss'`` and the relative error per parameter
+    (``grad:<path>``)."""
+    errors = check_train(name, torch_model, size, batch, seed, overrides, grads=True)
+    return {k: v for k, v in errors.items() if k == "loss" or k.startswith("grad:")}

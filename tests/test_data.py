@@ -159,6 +159,35 @@ def test_pad_crop_flip_and_random_resized_crop():
         assert A.random_resized_crop(big, (24, 24), rng).shape == (24, 24, 3)
 
 
+@pytest.mark.parametrize("recipe,channels", [("crop-flip", 1), ("crop-flip", 3), ("flip", 3), ("none", 1)])
+def test_batched_transform_is_the_per_image_recipe(recipe, channels):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (16, 16, 16, channels), dtype=np.uint8)
+    mean, std = (0.3, 0.4, 0.5)[:channels], (0.2, 0.25, 0.3)[:channels]
+    t = A.TrainTransform(recipe, (16, 16), mean, std)
+    out = t.batch(images, np.random.default_rng(7))
+    assert out.dtype == np.float32 and out.shape == images.shape
+    # the reference: the same draws (tops, lefts, flips for the 16 records) applied image by image
+    draws = np.random.default_rng(7)
+    tops = lefts = np.full(16, 2 if recipe == "crop-flip" else 0)
+    flips = np.zeros(16, bool)
+    if recipe == "crop-flip":
+        tops, lefts = draws.integers(0, 5, 16), draws.integers(0, 5, 16)
+    if recipe != "none":
+        flips = draws.random(16) < 0.5
+    pad = 2 if recipe == "crop-flip" else 0
+    for i in range(16):
+        window = np.pad(images[i], ((pad, pad), (pad, pad), (0, 0)))[tops[i]:tops[i] + 16, lefts[i]:lefts[i] + 16]
+        expect = A.normalize(A.to_float(window[:, ::-1] if flips[i] else window), mean, std)
+        np.testing.assert_array_equal(out[i], expect)
+    if recipe != "none":
+        assert 0 < flips.sum() < 16
+    # a slice of a global batch draws what the whole batch would
+    part = t.batch(images[5:9], np.random.default_rng(7), offset=5, total=16)
+    np.testing.assert_array_equal(part, out[5:9])
+    assert not t.can_batch((28, 28, 1)) and not A.TrainTransform("rrc", (16, 16), mean, std).can_batch((16, 16, 1))
+
+
 def test_pca_lighting_and_pca_from_images():
     rng = np.random.default_rng(1)
     x = np.full((4, 4, 3), 0.5, np.float32)
@@ -242,6 +271,54 @@ def test_pipeline_iterator_state_resumes_exactly():
         np.testing.assert_array_equal(a, b)
 
 
+def test_batched_pipeline_epochs_shards_and_resume():
+    # ArraySource + crop-flip at the data's size: batches are gathered and augmented as one
+    n = 40
+    images = np.random.default_rng(0).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    src = ArraySource(images, np.arange(n))
+    t = A.TrainTransform("crop-flip", (8, 8), (0.5,), (0.25,))
+    kw = dict(global_batch=8, num_steps=10, seed=3, threads=2)
+    one = list(train_dataset(src, t, process_index=0, process_count=1, **kw))
+    labels = np.stack([b[1] for b in one])
+    assert len(one) == 10 and one[0][0].shape == (8, 8, 8, 1) and one[0][0].dtype == np.float32
+    assert sorted(labels[:5].ravel()) == list(range(n)) == sorted(labels[5:].ravel())
+    assert not np.array_equal(labels[:5], labels[5:])
+    # every image is a crop-and-flip of its record, and the draws vary
+    plain = A.normalize(A.to_float(np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))), (0.5,), (0.25,))
+    shifts = set()
+    for x, y in one[:2]:
+        for xi, yi in zip(x, y):
+            hits = [(tp, lf, f) for tp in range(3) for lf in range(3) for f in (0, 1)
+                    if np.array_equal(xi, (plain[yi, tp:tp + 8, lf:lf + 8])[:, ::-1 if f else 1])]
+            assert hits
+            shifts.add(hits[0])
+    assert len(shifts) > 4
+    halves = [list(train_dataset(src, t, process_index=p, process_count=2, **kw)) for p in (0, 1)]
+    for step in range(10):
+        for k in (0, 1):
+            np.testing.assert_array_equal(np.concatenate([halves[0][step][k], halves[1][step][k]]), one[step][k])
+    it = iter(train_dataset(src, t, process_index=0, process_count=1, **kw))
+    for _ in range(4):
+        next(it)
+    it2 = iter(train_dataset(src, t, process_index=0, process_count=1, **kw))
+    it2.set_state(it.get_state())
+    for a, b in zip(it2, one[4:]):
+        np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_pipeline_worker_processes_load_the_same_batches():
+    images = np.random.default_rng(3).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
+    src = ArraySource(images, np.arange(32))
+    t = A.TrainTransform("crop-flip", (8, 8), (0.5,), (0.25,))
+    kw = dict(global_batch=8, num_steps=6, seed=2, process_index=0, process_count=1)
+    threads = list(train_dataset(src, t, threads=1, **kw))
+    workers = list(train_dataset(src, t, threads=1, workers=1, **kw))
+    assert len(workers) == 6
+    for a, b in zip(threads, workers):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
 def test_eval_pipeline_pads_and_weights():
     src = _labels_source(13)
     t = A.EvalTransform((4, 4), (0.0,), (1.0,))
@@ -253,6 +330,23 @@ def test_eval_pipeline_pads_and_weights():
     labels = np.concatenate([np.concatenate([batches[0][s][1], batches[1][s][1]]) for s in range(4)])
     weights = np.concatenate([np.concatenate([batches[0][s][2], batches[1][s][2]]) for s in range(4)])
     assert weights.sum() == 13 and labels[weights > 0].tolist() == list(range(13))
+
+
+def test_batched_eval_pipeline_equals_the_per_record_one():
+    images = np.random.default_rng(2).integers(0, 256, (13, 4, 4, 3), dtype=np.uint8)
+    fast_src = ArraySource(images, np.arange(13))
+    slow_src = [fast_src[i] for i in range(13)]               # a plain sequence: the per-record path
+    t = A.EvalTransform((4, 4), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    assert t.can_batch((4, 4, 3)) and not A.EvalTransform((4, 4), (0.5,), (0.5,), crops="ten").can_batch((4, 4, 3))
+    for p in range(2):
+        fast, steps = eval_dataset(fast_src, t, global_batch=4, process_index=p, process_count=2, threads=1)
+        slow, _ = eval_dataset(slow_src, t, global_batch=4, process_index=p, process_count=2, threads=1)
+        fast, slow = list(fast), list(slow)
+        assert steps == 4 and len(fast) == len(slow) == 4
+        for a, b in zip(fast, slow):
+            for x, y in zip(a, b):
+                assert x.dtype == y.dtype
+                np.testing.assert_array_equal(x, y)
 
 
 def test_synthetic_dataset_is_deterministic():

@@ -6,10 +6,8 @@ ResNet with its ``downsample`` modules replaced (a zero-padding module written h
 from the paper, a projection on every block, or nothing); the CIFAR ResNets against a
 net assembled here from torchvision's own ``BasicBlock``.
 """
-import copy
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -120,115 +118,12 @@ def reference(model, calibration=(2, 3, 64, 64)):
 
 # ----------------------------------------------------------------------------- the check
 
-# Tests only: XLA's CPU backend spends most of a deep net's test time compiling; these
-# options halve that (LLVM's optimisation of the fused elementwise kernels; the numerics
-# of the float64 check do not depend on it), and the programs compile two at a time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def compile_all(lowered, options=FAST_COMPILE):
-    with ThreadPoolExecutor(2) as pool:
-        return list(pool.map(lambda program: program.compile(options), lowered))
-
-
-def eval_parity(name, ref, runs, overrides=None, float32=True):
-    """The eval-mode protocol of ``parity.check_eval`` with one compiled program per
-    size and precision: every intermediate (the logits too, as the head's output) in
-    float64 against torch's on the same batch, and the float32 rounding check,
-    err(jaxconv32 vs torch64) against err(torch32 vs torch64), on that batch.
-    ``runs`` is a list of ((h, w), batch). Returns one ParityResult per run."""
-    info = jaxconv.model_info(name)
-    overrides = dict(overrides or {})
-    channels = overrides.get("in_channels", info.input_size[2])
-    torch_name = info.mapping.torch_name
-    logits = torch_name(tuple(info.mapping.head.split("/")))
-    ref.eval()
-    state = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
-    xs = [np.random.default_rng(i).standard_normal((batch, h, w, channels)).astype(np.float32)
-          for i, ((h, w), batch) in enumerate(runs)]
-    with jax.enable_x64(True):
-        model64 = jaxconv.get_model(name, dtype=jnp.float64, param_dtype=jnp.float64, **overrides)
-        variables64 = jax.tree.map(jnp.asarray, jaxconv.from_torchvision(name, state, **overrides))
-        xs64 = [jnp.asarray(x, jnp.float64) for x in xs]
-        inter64 = jax.jit(lambda v, x: jaxconv.intermediates(model64, v, x))
-        lowered = [inter64.lower(variables64, x) for x in xs64]
-    model32 = jaxconv.get_model(name, **overrides)
-    variables32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables64)
-    if float32:
-        lowered += [jax.jit(model32.apply).lower(variables32, x) for x in xs]
-    programs = compile_all(lowered)
-    results = []
-    with jax.enable_x64(True):
-        for (h, w), x, x64, program in zip([r[0] for r in runs], xs, xs64, programs):
-            mine = program(variables64, x64)
-            names = {torch_name(tuple(p.split("/"))): p for p in mine}
-            theirs = parity.torch_intermediates(ref, torch.from_numpy(x.transpose(0, 3, 1, 2)).double(), names)
-            inter = {t: parity.rel_err(mine[names[t]], v) for t, v in theirs.items()
-                     if tuple(mine[names[t]].shape) == v.shape}
-            results.append(parity.ParityResult(name, (h, w), inter.pop(logits), inter))
-            results[-1].reference = theirs[logits]
-    if float32:
-        torch32 = copy.deepcopy(ref).float().eval()
-        for r, x, program in zip(results, xs, programs[len(runs):]):
-            with torch.no_grad():
-                out_t32 = torch32(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-            out_j32 = program(variables32, jnp.asarray(x))
-            r.f32_jax, r.f32_torch = parity.rel_err(out_j32, r.reference), parity.rel_err(out_t32, r.reference)
-    return results
-
-
-def train_parity(name, ref, size, batch=4, overrides=None):
-    """The train-mode and gradient protocol of ``parity.check_train`` / ``check_grads``
-    in one compiled program: one train-mode step on the same batch in float64 gives
-    torch's logits, torch's updated running_mean / running_var (unbiased) and torch
-    autograd's gradients of the cross-entropy loss for every parameter (the layout
-    transposed by the importer). Returns the relative errors."""
-    info = jaxconv.model_info(name)
-    overrides = dict(overrides or {})
-    channels = overrides.get("in_channels", info.input_size[2])
-    rng = np.random.default_rng(13)
-    x = rng.standard_normal((batch, *size, channels))
-    labels = rng.integers(0, info.num_classes, batch)
-    reference = copy.deepcopy(ref).double().train()
-    before = {k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}
-    out = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
-    loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(labels))
-    loss.backward()
-    after = {k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}
-    grads = dict(before, **{k: p.grad.numpy() for k, p in reference.named_parameters()})
-    with jax.enable_x64(True):
-        model = jaxconv.get_model(name, dtype=jnp.float64, param_dtype=jnp.float64, **overrides)
-        target = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *size, channels)))
-        convert = lambda sd: jaxconv.convert.convert_state_dict(sd, target, info.mapping, name)  # noqa: E731
-        variables, expected, expected_grads = convert(before), convert(after), convert(grads)["params"]
-
-        def loss_fn(params, x):
-            logits, updates = model.apply({**variables, "params": params}, x, train=True,
-                                          mutable=["batch_stats"])
-            onehot = jax.nn.one_hot(jnp.asarray(labels), logits.shape[-1], dtype=logits.dtype)
-            return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), (logits, updates)
-
-        step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-        # (the default options: unoptimised code for a grouped convolution's gradient runs slowly)
-        program = step.lower(variables["params"], x).compile()
-        (value, (logits, updates)), g = program(variables["params"], x)
-    errors = {"loss": parity.rel_err(value, loss.item()), "logits": parity.rel_err(logits, out.detach().numpy())}
-    stats, wanted = jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(expected["batch_stats"])
-    assert len(stats) == len(wanted) == 2 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())
-    errors["running_stats"] = max(parity.rel_err(a, b) for a, b in zip(stats, wanted))
-    # a gradient that is zero up to rounding is measured against a thousandth of the largest
-    floor = 1e-3 * max(float(np.max(np.abs(v))) for v in jax.tree.leaves(expected_grads))
-    flat, flat_ref = jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(expected_grads)
-    assert len(flat) == len(flat_ref) == len(list(ref.parameters()))
-    errors["grads"] = {"/".join(k.key for k in path): parity.rel_err(a, b, floor)
-                       for (path, a), b in zip(flat, flat_ref)}
-    return errors
-
-
 def assert_train_parity(name, errors):
-    worst = sorted(errors.pop("grads").items(), key=lambda kv: -kv[1])[:3]
-    print(name, "train", errors, "grads: worst", worst)
-    assert max(errors.values()) <= 1e-9, errors
+    grads = {k: v for k, v in errors.items() if k.startswith("grad:")}
+    rest = {k: v for k, v in errors.items() if k not in grads}
+    worst = sorted(grads.items(), key=lambda kv: -kv[1])[:3]
+    print(name, "train", rest, "grads: worst", worst)
+    assert max(rest.values()) <= 1e-9, rest
     assert worst[0][1] <= 1e-9, worst
 
 
@@ -251,7 +146,7 @@ def n_layers(torch_model):
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_eval_parity(name):
     ref = reference(parity.torchvision_model(name))
-    for result in eval_parity(name, ref, [((224, 224), 1), ((65, 97), 2)]):
+    for result in parity.check_eval(name, ref, [(224, 224), (65, 97)], batch=1):
         print(result.line())
         assert_parity(result, n_layers(ref))
 
@@ -259,7 +154,7 @@ def test_eval_parity(name):
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
 def test_train_mode_and_gradient_parity(name):
     ref = reference(parity.torchvision_model(name))
-    assert_train_parity(name, train_parity(name, ref, (64, 64), batch=4))
+    assert_train_parity(name, parity.check_train(name, ref, (64, 64), batch=4, grads=True))
 
 
 @pytest.mark.parametrize("name", TORCHVISION)
@@ -310,7 +205,7 @@ def test_shortcut_options_and_plain_nets_count(name, option, base):
 def test_shortcut_options_and_plain_nets_parity(name, option, base):
     overrides = {"shortcut": option} if option in "AC" else {}
     ref = reference(with_shortcuts(parity.torchvision_model(base), option))
-    [result] = eval_parity(name, ref, [((64, 48), 2)], overrides=overrides, float32=False)
+    result = parity.check_eval(name, ref, (64, 48), batch=2, overrides=overrides, float32=False)
     print(option, result.line())
     assert_parity(result, n_layers(ref))
     # the shortcut really is what the option says
@@ -343,13 +238,13 @@ def test_option_a_shortcut_pads_zeros_and_plain_blocks_have_none():
 
 def test_cifar_resnet_parity():
     ref = reference(TorchCifarResNet(3), (8, 3, 32, 32))
-    for result in eval_parity("resnet20", ref, [((32, 32), 2), ((29, 35), 1)]):
+    for result in parity.check_eval("resnet20", ref, [(32, 32), (29, 35)], batch=2):
         print(result.line())
         assert_parity(result, n_layers(ref))
-    assert_train_parity("resnet20", train_parity("resnet20", ref, (32, 32), batch=4))
+    assert_train_parity("resnet20", parity.check_train("resnet20", ref, (32, 32), batch=4, grads=True))
     # 28x28 grayscale input
     ref1 = reference(TorchCifarResNet(3, in_channels=1), (8, 1, 28, 28))
-    [result] = eval_parity("resnet20", ref1, [((28, 28), 2)], overrides={"in_channels": 1})
+    result = parity.check_eval("resnet20", ref1, (28, 28), batch=2, overrides={"in_channels": 1})
     print(result.line())
     assert_parity(result, n_layers(ref1))
 
@@ -377,7 +272,7 @@ def test_summary_shows_the_block_arithmetic():
 def test_torchvision_init_and_zero_init_residual():
     model = jaxconv.get_model("resnet18", zero_init_residual=True)
     init = jax.jit(model.init).lower(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    params = compile_all([init])[0](jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = parity.compile_all([init])[0](jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     tv = torchvision.models.resnet18(zero_init_residual=True)
     zero_torch = sorted(k[: -len(".weight")] for k, v in tv.state_dict().items()
                         if k.endswith(".weight") and v.ndim == 1 and not v.any())

@@ -209,6 +209,40 @@ class TrainTransform:
         return normalize(x, self.mean, self.std), np.int32(label)
 
 
+    def can_batch(self, image_shape) -> bool:
+        """Whether :meth:`batch` handles images of ``image_shape`` (H, W, C): the recipes
+        ``none``, ``flip`` and ``crop-flip`` on images that already have the model's size."""
+        return self.recipe in ("none", "flip", "crop-flip") and tuple(image_shape[:2]) == tuple(self.size)
+
+    def batch(self, images: np.ndarray, rng: np.random.Generator, offset: int = 0,
+              total: int | None = None) -> np.ndarray:
+        """The recipe on a whole uint8 batch (N, H, W, C) at once, vectorised: float32,
+        normalised. The random draws are made for ``total`` records (default N) and
+        records ``[offset, offset + N)`` of them are used, so a process that holds one
+        slice of a global batch draws what a single process holding all of it would."""
+        n, h, w, c = images.shape
+        if not self.can_batch(images.shape[1:]):
+            raise ValueError(f"the {self.recipe!r} recipe on {h}x{w} images (model size {self.size}) "
+                             f"has no batched form; use the per-image transform")
+        total = n if total is None else total
+        if not 0 <= offset <= total - n:
+            raise ValueError(f"records [{offset}, {offset + n}) are not inside a batch of {total}")
+        pad = max(1, h // 8) if self.recipe == "crop-flip" else 0
+        tops = lefts = np.full(total, pad)
+        flips = np.zeros(total, bool)
+        if self.recipe == "crop-flip":
+            tops = rng.integers(0, 2 * pad + 1, size=total)
+            lefts = rng.integers(0, 2 * pad + 1, size=total)
+        if self.recipe in ("flip", "crop-flip"):
+            flips = rng.random(total) < 0.5
+        tops, lefts, flips = (a[offset:offset + n] for a in (tops, lefts, flips))
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else images
+        rows = tops[:, None] + np.arange(h)                                     # (N, H)
+        cols = lefts[:, None] + np.where(flips[:, None], np.arange(w)[::-1], np.arange(w))   # (N, W)
+        out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]        # (N, H, W, C)
+        return _normalize_uint8(out, self.mean, self.std)
+
+
 @dataclass(frozen=True)
 class EvalTransform:
     """Resize the short side to ``resize``, then a center crop of ``size`` or ten crops."""
@@ -229,3 +263,29 @@ class EvalTransform:
             raise ValueError(f"unknown evaluation crop {self.crops!r}: 'center' or 'ten'")
         return normalize(to_float(np.ascontiguousarray(center_crop(image, size))), self.mean, self.std), \
             np.int32(label)
+
+    def can_batch(self, image_shape) -> bool:
+        """Whether :meth:`batch` handles images of ``image_shape``: a center crop of images
+        that already have the model's size (nothing to do but normalise)."""
+        return self.crops == "center" and tuple(image_shape[:2]) == tuple(self.size)
+
+    def batch(self, images: np.ndarray) -> np.ndarray:
+        """A uint8 batch (N, H, W, C) of the model's size -> normalised float32, at once."""
+        if not self.can_batch(images.shape[1:]):
+            raise ValueError(f"no batched evaluation transform for {images.shape[1:3]} images "
+                             f"(model size {self.size}, crops {self.crops!r})")
+        return _normalize_uint8(images, self.mean, self.std)
+
+
+def _normalize_uint8(images: np.ndarray, mean, std) -> np.ndarray:
+    """``normalize(to_float(images))`` for a uint8 batch (N, H, W, C), through a 256-entry
+    table per channel (the same float32 arithmetic, once per value instead of per pixel)."""
+    c = images.shape[-1]
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if mean.size not in (1, c):
+        raise ValueError(f"normalisation for {mean.size} channels applied to a {c}-channel image")
+    table = (np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0)
+             - mean.reshape(1, -1)) / std.reshape(1, -1)                     # (256, 1 or C)
+    if table.shape[1] == 1:
+        return table[:, 0][images]
+    return table[images, np.arange(c)]

@@ -10,6 +10,14 @@ stream, so it too is independent of the process count and resumable. The last pa
 batch of an epoch is dropped when training; evaluation pads it and weights the padding
 0.
 
+When the records are in memory (``ArraySource``) and the recipe has a vectorised form
+(``TrainTransform.batch``: none, flip, crop-flip at the data's own size), a training
+batch is gathered and augmented as one numpy batch rather than record by record (30x
+faster): epoch ``e``'s order is then numpy's permutation seeded by ``(seed, e)`` and the
+random draws are seeded per global batch, so this path too is deterministic, resumable
+and independent of the process count. Evaluation batches of such data (a center crop
+at the data's own size: normalisation only) are built the same way.
+
 Loading runs in grain's worker threads (``threads``) or processes (``workers``); the
 iterator's state (``get_state``/``set_state``) is the position in this stream and goes
 into every checkpoint.
@@ -68,10 +76,76 @@ def train_dataset(source, transform, *, global_batch: int, num_steps: int, seed:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     n = len(source)
+    if _batchable(source, transform):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes")
+        load = _LoadBatch(source, transform, n=n, global_batch=global_batch,
+                          steps_per_epoch=steps_per_epoch(n, global_batch), seed=seed,
+                          process_index=process_index, process_count=process_count)
+        return _to_iter(grain.MapDataset.range(num_steps).map(load), threads, workers, buffer)
     ds = grain.MapDataset.source(source).shuffle(seed=seed).random_map(transform, seed=seed + 1)
     ds = _GlobalBatchOrder(ds, n=n, global_batch=global_batch, steps_per_epoch=steps_per_epoch(n, global_batch),
                            num_steps=num_steps, process_index=process_index, process_count=process_count)
     return _to_iter(ds.batch(global_batch // process_count, drop_remainder=True), threads, workers, buffer)
+
+
+def _batchable(source, transform) -> bool:
+    """In-memory images of the model's size and a recipe with a vectorised form."""
+    images = getattr(source, "images", None)
+    return (isinstance(images, np.ndarray) and isinstance(getattr(source, "labels", None), np.ndarray)
+            and hasattr(transform, "batch") and transform.can_batch(images.shape[1:]))
+
+
+class _LoadBatch:
+    """Local step ``k`` -> this process's slice of global batch ``k``, gathered from the
+    in-memory arrays and augmented as one batch (``transform.batch``). Epoch ``e`` reads
+    the records in the order of a permutation seeded by ``(seed, e)``; the random draws
+    come from a generator seeded by ``(seed + 1, k)`` and are made for the whole global
+    batch, so neither depends on the process count. A class, not a closure, so that
+    grain's worker processes can pickle it."""
+
+    def __init__(self, source, transform, *, n: int, global_batch: int, steps_per_epoch: int, seed: int,
+                 process_index: int, process_count: int):
+        if seed < 0:
+            raise ValueError(f"the seed must be >= 0, got {seed}")
+        self.images, self.labels, self.transform = source.images, source.labels, transform
+        self.n, self.batch, self.spe, self.seed = n, global_batch, steps_per_epoch, seed
+        self.local = global_batch // process_count
+        self.offset = process_index * self.local
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        order = self._orders.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._orders = {epoch: order, **{e: o for e, o in self._orders.items() if e > epoch - 2}}
+        return order
+
+    def __call__(self, k):
+        epoch, s = divmod(int(k), self.spe)
+        start = s * self.batch + self.offset
+        idx = self.order(epoch)[start:start + self.local]
+        rng = np.random.default_rng([self.seed + 1, int(k)])
+        return self.transform.batch(self.images[idx], rng, self.offset, self.batch), self.labels[idx]
+
+
+class _LoadEvalBatch:
+    """Step ``k`` -> this process's slice of evaluation batch ``k`` (records in order),
+    normalised as one batch; positions past the end are zero images of weight 0."""
+
+    def __init__(self, source, transform, *, n: int, global_batch: int, process_index: int, process_count: int):
+        self.images, self.labels, self.transform = source.images, source.labels, transform
+        self.n, self.batch = n, global_batch
+        self.local = global_batch // process_count
+        self.offset = process_index * self.local
+
+    def __call__(self, k):
+        pos = int(k) * self.batch + self.offset + np.arange(self.local)
+        valid = pos < self.n
+        idx = np.where(valid, pos, 0)
+        images = self.transform.batch(self.images[idx])
+        images[~valid] = 0
+        return images, np.where(valid, self.labels[idx], 0).astype(np.int32), valid.astype(np.float32)
 
 
 def _pad_record(parent):
@@ -93,6 +167,12 @@ def eval_dataset(source, transform, *, global_batch: int, process_index: int | N
     process_count = jax.process_count() if process_count is None else process_count
     n = len(source)
     steps = -(-n // global_batch)
+    if _batchable(source, transform):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes")
+        load = _LoadEvalBatch(source, transform, n=n, global_batch=global_batch, process_index=process_index,
+                              process_count=process_count)
+        return _to_iter(grain.MapDataset.range(steps).map(load), threads, workers, buffer), steps
     ds = grain.MapDataset.source(source).map(transform).map(_with_weight)
     ds = _GlobalBatchOrder(ds, n=n, global_batch=global_batch, steps_per_epoch=steps, num_steps=steps,
                            process_index=process_index, process_count=process_count, pad=_pad_record)
@@ -102,6 +182,11 @@ def eval_dataset(source, transform, *, global_batch: int, process_index: int | N
 def _to_iter(ds: grain.MapDataset, threads: int, workers: int, buffer: int) -> grain.IterDataset:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=buffer))
     if workers > 0:
+        # grain's worker processes read absl flags (their defaults unless a program parsed them)
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return it
 

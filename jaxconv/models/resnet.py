@@ -96,7 +96,20 @@ class ZeroPadShortcut(nn.Module):
 
 
 class _Block(nn.Module):
-    """What both blocks share: the shortcut and the summary label."""
+    """What both blocks share: their fields, the shortcut and the summary label.
+    ``planes`` sets the output channels (``planes * expansion``), ``shortcut`` the
+    paper's option (A, B, C), ``residual=False`` makes the block plain."""
+    planes: int
+    in_planes: int
+    stride: int = 1
+    shortcut: str | None = "B"
+    residual: bool = True
+    groups: int = 1
+    base_width: int = 64
+    zero_init_residual: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
     expansion: ClassVar[int] = 1
 
     def _make_shortcut(self):
@@ -144,17 +157,6 @@ class _Block(nn.Module):
 
 class BasicBlock(_Block):
     """Two 3x3 convolutions; ``planes`` output channels."""
-    planes: int
-    in_planes: int
-    stride: int = 1
-    shortcut: str | None = "B"
-    residual: bool = True
-    groups: int = 1
-    base_width: int = 64
-    zero_init_residual: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
     expansion: ClassVar[int] = 1
 
     def setup(self):
@@ -180,17 +182,6 @@ class BasicBlock(_Block):
 
 class Bottleneck(_Block):
     """1x1 down to ``width``, grouped 3x3 (with the stride), 1x1 up to ``4 * planes``."""
-    planes: int
-    in_planes: int
-    stride: int = 1
-    shortcut: str | None = "B"
-    residual: bool = True
-    groups: int = 1
-    base_width: int = 64
-    zero_init_residual: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
     expansion: ClassVar[int] = 4
 
     @property

@@ -16,8 +16,9 @@ def _add_data(p) -> None:
                    help="fashion-mnist | synthetic | folder (with --data-dir) | an image-folder path")
     p.add_argument("--data-dir", help="where the data lives (Fashion-MNIST's IDX files, or the image-folder root)")
     p.add_argument("--image-size", type=_size, metavar="HxW", help="input size (default: the data's or the model's)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype; parameters and BatchNorm statistics stay float32")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"),
+                   help="compute dtype; parameters and BatchNorm statistics stay float32 (float64: "
+                        "everything in float64, for exact checks)")
     p.add_argument("--threads", type=int, default=2, help="grain loader threads")
 
 
@@ -27,8 +28,17 @@ def _add_distributed(p) -> None:
     p.add_argument("--process-id", type=int, help="this process's id (or JAX_PROCESS_ID)")
 
 
+def _enable_x64(args) -> None:
+    if args.dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+
+
 def _train(args) -> int:
     from jaxconv.train.distributed import initialize
+
+    _enable_x64(args)
     from jaxconv.train.loop import TrainConfig, TrainingDiverged, train
 
     initialize(args.coordinator, args.num_processes, args.process_id)
@@ -57,6 +67,8 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from jaxconv.train.distributed import initialize
+
+    _enable_x64(args)
     from jaxconv.train.loop import evaluate
 
     initialize(args.coordinator, args.num_processes, args.process_id)

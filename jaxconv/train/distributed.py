@@ -31,7 +31,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                          "JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process id {process_id} is outside 0..{num_processes - 1}")
-    if jax.config.jax_platforms in (None, "", "cpu") or jax.default_backend() == "cpu":
+    # gloo for the CPU devices' collectives (harmless where the devices are GPUs). Decided from
+    # the configured platforms only: asking for the backend here would start it before
+    # jax.distributed.initialize, which must come first.
+    platforms = jax.config.jax_platforms or ""
+    if not platforms or "cpu" in platforms.split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)

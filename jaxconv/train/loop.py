@@ -35,7 +35,10 @@ from jaxconv.train.optim import OptimConfig, make_optimizer
 from jaxconv.train.state import TrainState, init_state
 from jaxconv.train.step import make_eval_step, make_train_step, zero_eval_sums, zero_metrics
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+# float64 (parameters, statistics and compute; needs jax_enable_x64) is for exact checks:
+# it starts from the float32 run's initial values (see init_state), so a float64 run is
+# the same run as a float32 one without float32 rounding.
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,6 +70,7 @@ class TrainConfig:
     eval_crop: str = "center"             # center | ten
     eval_every: int = 1                   # epochs between test evaluations (0: only at the end, <0: never)
     dtype: str = "float32"                # compute dtype; parameters and statistics stay float32
+                                          # (float64: everything float64, for exact checks)
     seed: int = 0
     out: str = "runs/train"
     checkpoint_every: int | None = None   # steps (default: every epoch); always at the end
@@ -147,6 +151,10 @@ def setup_model(name: str, dataset: Dataset, *, dtype: str = "float32",
     info = model_info(name)
     h, w, c = info.input_size
     options: dict[str, Any] = {}
+    if dtype == "float64":
+        if not jax.config.jax_enable_x64:
+            raise ValueError("--dtype float64 needs jax_enable_x64 (JAX_ENABLE_X64=1)")
+        options["param_dtype"] = jnp.float64
     if dtype != "float32":
         options["dtype"] = DTYPES[dtype]
     if dataset.channels != c:

@@ -44,9 +44,10 @@ def split_outputs(outputs):
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example cross-entropy in float32 (torch's label smoothing: (1-a) one-hot + a/K)."""
-    logits = logits.astype(jnp.float32)
-    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    """Per-example cross-entropy in at least float32 (float64 logits stay float64), with
+    torch's label smoothing: (1-a) one-hot + a/K."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     if label_smoothing:
         onehot = optax.smooth_labels(onehot, label_smoothing)
     return optax.softmax_cross_entropy(logits, onehot)

@@ -35,11 +35,22 @@ def init_state(model, tx: optax.GradientTransformation, seed: int, input_shape: 
                dtype=jnp.float32) -> TrainState:
     """A fresh state for ``model`` with inputs of ``input_shape`` (H, W, C). Initialises in
     train mode so auxiliary heads that only run in training get their parameters. Call it
-    under ``jax.jit`` (with ``out_shardings``) to build the state directly on the devices."""
+    under ``jax.jit`` (with ``out_shardings``) to build the state directly on the devices.
+
+    The initial values are always drawn in float32 and then cast to the model's
+    ``param_dtype``: a float64 model starts from exactly the float32 model's values, so
+    a float64 run is the float32 run without float32 rounding (for exact checks)."""
     key = jax.random.PRNGKey(seed)
     k_params, k_dropout, k_train = jax.random.split(key, 3)
-    x = jnp.zeros((2, *input_shape), dtype)
-    variables = model.init({"params": k_params, "dropout": k_dropout}, x, train=True)
+    param_dtype = getattr(model, "param_dtype", jnp.float32)
+    init_model = model
+    if param_dtype != jnp.float32:
+        init_model = model.clone(dtype=jnp.float32, param_dtype=jnp.float32)
+    x = jnp.zeros((2, *input_shape), jnp.float32 if init_model is not model else dtype)
+    variables = init_model.init({"params": k_params, "dropout": k_dropout}, x, train=True)
+    if init_model is not model:
+        variables = jax.tree.map(lambda v: v.astype(param_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v,
+                                 variables)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
