@@ -12,6 +12,7 @@ import sys
 COMMANDS = (
     "jaxconv.cli_models",   # list, summary, parity
     "jaxconv.train.cli",    # train, eval
+    "jaxconv.classify",     # classify
 )
 
 

@@ -23,6 +23,7 @@ kernels are new arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Sequence
 
 import jax
@@ -114,7 +115,8 @@ def _trace(model: nn.Module, input_shape: tuple[int, int, int], map_method: str)
     def run():
         x = jnp.zeros((1, *input_shape), jnp.float32)
         variables = model.init(jax.random.key(0), x)
-        model.apply(variables, x, method=map_method)
+        if "map" not in record:  # __call__ did not go through the map method
+            model.apply(variables, x, method=map_method)
         return variables
 
     with nn.intercept_methods(interceptor):
@@ -125,17 +127,14 @@ def _trace(model: nn.Module, input_shape: tuple[int, int, int], map_method: str)
     return record, shapes
 
 
-def _stride(model, shapes, input_shape, map_method) -> int:
-    """The trunk's total stride, measured: input pixels per step of the map."""
+def _stride(model, shapes, input_shape, map_method, map_height: int) -> int:
+    """The trunk's total stride, measured: input pixels per step of the map (``map_height``
+    is the map's height at ``input_shape``)."""
     h, w, c = input_shape
     grow = 128
-
-    def map_height(height):
-        x = jnp.zeros((1, height, w, c), jnp.float32)
-        return jax.eval_shape(lambda v: model.apply(v, x, method=map_method), shapes).shape[1]
-
-    small, large = map_height(h), map_height(h + grow)
-    return 1 if large == small else int(round(grow / (large - small)))
+    x = jnp.zeros((1, h + grow, w, c), jnp.float32)
+    large = jax.eval_shape(lambda v: model.apply(v, x, method=map_method), shapes).shape[1]
+    return 1 if large == map_height else int(round(grow / (large - map_height)))
 
 
 def convolutionize(model: nn.Module, variables: Any, input_shape: tuple[int, int, int],
@@ -180,16 +179,17 @@ def convolutionize(model: nn.Module, variables: Any, input_shape: tuple[int, int
         for path, module, in_shape in record["head"]:
             name = "/".join(path)
             if isinstance(module, layers.Linear):
-                kernel = np.asarray(_get(params, path)["kernel"])
+                # jnp (not np) so that convolutionize also runs on abstract variables (jax.eval_shape)
+                kernel = _get(params, path)["kernel"]
                 if not seen_linear and kind == "flatten":
-                    kernel = kernel.reshape(mh, mw, mc, kernel.shape[-1])
+                    kernel = jnp.reshape(kernel, (mh, mw, mc, kernel.shape[-1]))
                     size = (mh, mw)
                 else:
-                    kernel = kernel.reshape(1, 1, *kernel.shape)
+                    kernel = jnp.reshape(kernel, (1, 1, *kernel.shape))
                     size = (1, 1)
                 index = len(steps)
                 steps.append(HeadConv(module.features, size, module.use_bias))
-                new_params[f"head_{index}"] = {"kernel": jnp.asarray(kernel)}
+                new_params[f"head_{index}"] = {"kernel": kernel}
                 if module.use_bias:
                     new_params[f"head_{index}"]["bias"] = jnp.asarray(_get(params, path)["bias"])
                 drop.add(path[0])
@@ -209,7 +209,7 @@ def convolutionize(model: nn.Module, variables: Any, input_shape: tuple[int, int
     fcn_variables = {k: {"backbone": v} for k, v in fcn_variables.items()}
     fcn_variables["params"] = {"backbone": backbone_params, **new_params}
     fcn = FullyConvolutional(backbone=model, head=tuple(steps), map_method=map_method, average=average,
-                             stride=_stride(model, shapes, input_shape, map_method))
+                             stride=_stride(model, shapes, input_shape, map_method, mh))
     return fcn, fcn_variables
 
 
@@ -243,6 +243,12 @@ class DensePrediction:
         return [(int(i), float(self.scores[i])) for i in order]
 
 
+@partial(jax.jit, static_argnums=0)
+def _class_probabilities(fcn_model, fcn_variables, x):
+    """Softmax class maps; jitted once per (model, input shape), reused across images."""
+    return jax.nn.softmax(fcn_model.apply(fcn_variables, x).astype(jnp.float32), axis=-1)
+
+
 def dense_predict(fcn_model: FullyConvolutional, fcn_variables: Any, image, input_shape,
                   scales: Sequence[float] = OVERFEAT_SCALES, flip: bool = True,
                   reduce: str = "max") -> DensePrediction:
@@ -260,7 +266,6 @@ def dense_predict(fcn_model: FullyConvolutional, fcn_variables: Any, image, inpu
     if image.ndim != 3:
         raise ValueError(f"dense_predict takes one (H, W, C) image, got shape {image.shape}")
     h0, w0 = int(input_shape[0]), int(input_shape[1])
-    apply = jax.jit(lambda v, x: fcn_model.apply(v, x))
     short = min(image.shape[:2])
     sizes, maps, per_scale = [], [], []
     for s in scales:
@@ -269,7 +274,7 @@ def dense_predict(fcn_model: FullyConvolutional, fcn_variables: Any, image, inpu
         w = max(w0, int(round(image.shape[1] * factor)))
         x = jax.image.resize(jnp.asarray(image), (h, w, image.shape[2]), "linear", antialias=True)[None]
         batch = jnp.concatenate([x, x[:, :, ::-1]]) if flip else x
-        probs = np.asarray(jax.nn.softmax(apply(fcn_variables, batch).astype(jnp.float32), axis=-1))
+        probs = np.asarray(_class_probabilities(fcn_model, fcn_variables, batch))
         class_map = (probs[0] + probs[1][:, ::-1]) / 2 if flip else probs[0]
         sizes.append((h, w))
         maps.append(class_map)

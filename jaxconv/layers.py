@@ -227,6 +227,10 @@ class BatchNorm2d(nn.Module):
     ``batch_stats['var']`` is updated with the unbiased one, as torch does. Statistics
     are kept in ``param_dtype`` and computed in at least float32 whatever ``dtype`` is.
     Under ``jax.jit`` with a sharded batch the statistics are global automatically.
+
+    A BatchNorm2d whose variables hold only ``params/bias`` (no ``scale``, no
+    statistics) has been folded into the convolution before it by :func:`jaxconv.fuse_bn`
+    and adds that bias (inference only).
     """
     eps: float = 1e-5
     momentum: float = 0.9
@@ -238,6 +242,13 @@ class BatchNorm2d(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         c = x.shape[-1]
+        if not self.is_initializing() and not self.has_variable("params", "scale"):
+            # folded into the preceding convolution by jaxconv.fuse_bn: a bias is all that is left
+            if train:
+                raise ValueError(f"BatchNorm2d {self.name} was folded by fuse_bn (inference only); "
+                                 f"train with the unfused variables")
+            bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+            return x.astype(self.dtype) + bias.astype(self.dtype)
         scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
         running_mean = self.variable("batch_stats", "mean", nn.initializers.zeros, None,

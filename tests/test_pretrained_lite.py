@@ -117,4 +117,4 @@ def test_legacy_checkpoint_reader_matches_torch():
 
 def test_unknown_pretrained_name():
     with pytest.raises(KeyError, match="no pretrained weights"):
-        jaxconv.load_pretrained("efficientnet_b0")
+        jaxconv.load_pretrained("nin_cifar10")

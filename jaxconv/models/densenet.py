@@ -145,11 +145,16 @@ class DenseNet(nn.Module):
             x = getattr(self, name)(x, train=train)
         return self.features_norm5(x, train)
 
+    def feature_map(self, x, train: bool = False):
+        """The map the head pools: ``features`` then torchvision's functional ReLU after
+        norm5 (what :func:`jaxconv.convolutionize` slides the classifier over)."""
+        return nn.relu(self.features(x, train))
+
     def classifier(self, x, train: bool = False):
         return self.fc(x)
 
     def __call__(self, x, train: bool = False):
-        x = nn.relu(self.features(x, train))  # torchvision's F.relu after norm5
+        x = self.feature_map(x, train)  # torchvision's F.relu after norm5
         return self.classifier(global_avg_pool(x), train)
 
 

@@ -7,7 +7,6 @@ behind ``jaxconv train`` and ``jaxconv eval``. Names are imported lazily, so tha
 from __future__ import annotations
 
 import importlib
-import os
 
 _EXPORTS = {
     "jaxconv.train.checkpoint": ("CheckpointError", "Checkpoints"),
@@ -20,19 +19,10 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-# weights trained with this loop, shipped in the repository's weights/ directory
-TRAINED_WEIGHTS = {"lenet5": "lenet5_fashion_mnist.npz"}
-
-
-def weights_path(filename: str) -> str:
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
-                                         "weights", filename))
-
-
 def __getattr__(name: str):
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'jaxconv.train' has no attribute {name!r}")
 
 
-__all__ = sorted([*_WHERE, "TRAINED_WEIGHTS", "weights_path"])
+__all__ = sorted(_WHERE)

@@ -220,21 +220,14 @@ def _load(path: str):
 
 
 def load_default_weights(model: str):
-    """The model's default pretrained weights (``jaxconv.pretrained`` when present, else
-    the ``weights/`` table of models trained here)."""
-    from jaxconv.train import TRAINED_WEIGHTS, weights_path
+    """The model's default pretrained weights (:func:`jaxconv.load_pretrained`)."""
+    from jaxconv.pretrained import load_pretrained
 
-    if model not in TRAINED_WEIGHTS:
-        try:
-            from jaxconv import pretrained
-        except ImportError:
-            pretrained = None
-        if pretrained is not None and model in getattr(pretrained, "DEFAULT_WEIGHTS", {}):
-            return pretrained.load_pretrained(model)[1]
-
-    if model not in TRAINED_WEIGHTS:
-        raise ValueError(f"{model} has no default weights; pass --weights FILE")
-    return _load(weights_path(TRAINED_WEIGHTS[model]))
+    try:
+        return load_pretrained(model)[1]
+    except (KeyError, FileNotFoundError) as e:
+        reason = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ValueError(f"{reason}; or pass --weights FILE") from None
 
 
 def _meta(cfg: TrainConfig, setup: ModelSetup) -> dict:

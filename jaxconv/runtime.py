@@ -1,0 +1,158 @@
+"""Process-wide JAX settings that jaxconv applies when it is imported.
+
+Two things, both overridable and both applied by ``import jaxconv`` (this module runs
+first, before anything in jaxconv touches JAX's backend):
+
+1. **XLA CPU flags.** ``--xla_cpu_experimental_ynn_fusion_type=dot`` is appended to
+   ``XLA_FLAGS``. XLA:CPU's default sends most convolutions into YNNPACK fusions that
+   are slow on x86 CPUs without AVX-512; restricting YNNPACK fusions to dots lets the
+   convolutions take XLA's own (Eigen) path, which is faster on such machines (ResNet-50
+   inference 1.2x at batch 16 on a 2-core AVX2 machine; figures in ``BENCHMARKS.md``).
+   The flag only concerns the CPU compiler; on a GPU it is parsed and ignored.
+
+   * A flag that ``XLA_FLAGS`` already mentions is left as the user set it.
+   * ``JAXCONV_XLA_FLAGS=0`` leaves ``XLA_FLAGS`` alone altogether.
+   * XLA aborts the process on an unknown flag, so a flag is only added when the
+     installed jaxlib's XLA knows its name (checked in jaxlib's shared library).
+   * XLA reads ``XLA_FLAGS`` once, when JAX initialises its first backend. If that has
+     already happened when jaxconv is imported (a JAX computation ran before
+     ``import jaxconv``), the flags cannot take effect: a warning says so and nothing is
+     changed. Import jaxconv first, or set ``XLA_FLAGS`` yourself.
+
+2. **Persistent compilation cache.** JAX's compilation cache is switched on, in
+   ``$JAXCONV_COMPILATION_CACHE`` if that is a path, else
+   ``$XDG_CACHE_HOME/jaxconv/xla`` (``~/.cache/jaxconv/xla``). Programs that took at
+   least 0.1 s to compile are cached whatever their size, so a second process gets
+   ResNet-50's train step from disk instead of recompiling it. A cache directory the
+   user configured for JAX (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept;
+   ``JAXCONV_COMPILATION_CACHE=0`` leaves JAX's cache settings alone. The cache only
+   stores compiled programs keyed by the program, the flags and the versions: it never
+   changes a result.
+
+:func:`settings` tells what was applied in this process.
+"""
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import warnings
+from typing import Any
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+DEFAULT_FLAGS = (f"{YNN_FLAG}=dot",)
+MIN_COMPILE_SECS = 0.1
+_OFF = ("0", "false", "no", "off", "")
+
+_applied: dict[str, Any] = {"xla_flags": [], "compilation_cache": None, "note": ""}
+
+
+def _disabled(var: str) -> bool:
+    value = os.environ.get(var)
+    return value is not None and value.strip().lower() in _OFF
+
+
+def default_cache_dir() -> str:
+    """Where jaxconv puts JAX's compilation cache unless told otherwise."""
+    explicit = os.environ.get("JAXCONV_COMPILATION_CACHE", "").strip()
+    if explicit and explicit.lower() not in _OFF and explicit.lower() not in ("1", "true", "yes", "on"):
+        return os.path.abspath(os.path.expanduser(explicit))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxconv", "xla")
+
+
+@functools.cache
+def xla_knows_flag(flag: str) -> bool:
+    """Whether the installed jaxlib's XLA defines ``flag`` (e.g. ``--xla_foo``).
+
+    XLA aborts on an unknown name in ``XLA_FLAGS``, and flags marked experimental come
+    and go between releases; the flag names are stored as C strings in jaxlib's shared
+    library, so look there (a memory-mapped search, milliseconds when present)."""
+    import jaxlib
+
+    name = b"\x00" + flag.lstrip("-").split("=")[0].encode() + b"\x00"
+    folder = os.path.dirname(jaxlib.__file__)
+    for lib in ("libjax_common.so", "xla_extension.so", "libjax_common.dylib"):
+        path = os.path.join(folder, lib)
+        if os.path.exists(path):
+            with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return m.find(name) >= 0
+    return False
+
+
+def _backends_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:  # private API: if it moved, assume the backend is not up yet
+        return False
+
+
+def _flag_names(flags: str) -> set[str]:
+    return {f.split("=")[0] for f in flags.split() if f.startswith("--")}
+
+
+def _configure_flags() -> None:
+    if _disabled("JAXCONV_XLA_FLAGS"):
+        _applied["note"] += "XLA flags disabled by JAXCONV_XLA_FLAGS. "
+        return
+    current = os.environ.get("XLA_FLAGS", "")
+    present = _flag_names(current)
+    wanted = [f for f in DEFAULT_FLAGS if f.split("=")[0] not in present]
+    if not wanted:
+        return
+    usable = [f for f in wanted if xla_knows_flag(f)]
+    for f in set(wanted) - set(usable):
+        _applied["note"] += f"{f} skipped: this jaxlib's XLA does not define it. "
+    if not usable:
+        return
+    if _backends_initialized():
+        warnings.warn(f"jaxconv: JAX's backend was initialised before jaxconv was imported, so its XLA "
+                      f"flags ({' '.join(usable)}) cannot take effect in this process; import jaxconv "
+                      f"before running any JAX computation, or set XLA_FLAGS yourself "
+                      f"(JAXCONV_XLA_FLAGS=0 silences this).", RuntimeWarning, stacklevel=3)
+        _applied["note"] += "backend already initialised: XLA flags not applied. "
+        return
+    os.environ["XLA_FLAGS"] = " ".join([current.strip(), *usable]).strip()
+    _applied["xla_flags"] = usable
+
+
+def _configure_cache() -> None:
+    import jax
+
+    if _disabled("JAXCONV_COMPILATION_CACHE"):
+        _applied["note"] += "compilation cache left to JAX (JAXCONV_COMPILATION_CACHE=0). "
+        return
+    if jax.config.jax_compilation_cache_dir:
+        _applied["compilation_cache"] = jax.config.jax_compilation_cache_dir
+        _applied["note"] += "compilation cache directory set by the user, kept. "
+        return
+    path = default_cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        _applied["note"] += f"compilation cache off: cannot create {path} ({e}). "
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _applied["compilation_cache"] = path
+
+
+def configure() -> dict[str, Any]:
+    """Apply jaxconv's XLA flags and compilation cache (idempotent); see the module
+    docstring. Called by ``import jaxconv``."""
+    if not _applied.get("done"):
+        _configure_flags()
+        _configure_cache()
+        _applied["done"] = True
+    return settings()
+
+
+def settings() -> dict[str, Any]:
+    """What jaxconv applied in this process: ``xla_flags`` (the flags it appended),
+    ``compilation_cache`` (the cache directory in use, or None) and ``note``."""
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in _applied.items() if k != "done"}
+
+
+configure()

@@ -1,0 +1,84 @@
+"""jaxconv.runtime: XLA flags set on import (before JAX's backend starts), the user's
+settings win, both can be switched off, and the persistent compilation cache fills."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxconv import runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+REPORT = """
+import json, os, warnings
+warnings.simplefilter("always")
+{before}
+import jaxconv, jax
+print(json.dumps({{"XLA_FLAGS": os.environ.get("XLA_FLAGS"), "settings": jaxconv.runtime.settings(),
+                  "cache_dir": jax.config.jax_compilation_cache_dir}}))
+"""
+
+
+def _run(env_extra, before="", cache=None, tmp_path=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAXCONV_XLA_FLAGS", "JAXCONV_COMPILATION_CACHE")}
+    env["JAXCONV_COMPILATION_CACHE"] = str(cache) if cache else "0"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, "-c", REPORT.format(before=before)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+needs_flag = pytest.mark.skipif(not runtime.xla_knows_flag(runtime.YNN_FLAG),
+                                reason="this jaxlib's XLA has no YNN fusion flag")
+
+
+@needs_flag
+def test_import_appends_the_flags_and_keeps_the_users_others():
+    out, _ = _run({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert out["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *runtime.DEFAULT_FLAGS]
+    assert out["settings"]["xla_flags"] == list(runtime.DEFAULT_FLAGS)
+
+
+@needs_flag
+def test_the_users_flag_wins():
+    mine = f"{runtime.YNN_FLAG}=default"
+    out, _ = _run({"XLA_FLAGS": mine})
+    assert out["XLA_FLAGS"] == mine and out["settings"]["xla_flags"] == []
+
+
+def test_flags_can_be_switched_off():
+    out, _ = _run({"JAXCONV_XLA_FLAGS": "0"})
+    assert out["XLA_FLAGS"] is None and out["settings"]["xla_flags"] == []
+
+
+@needs_flag
+def test_warns_and_changes_nothing_when_the_backend_is_already_up():
+    out, err = _run({}, before="import jax.numpy as jnp; jnp.ones(2).block_until_ready()")
+    assert out["XLA_FLAGS"] is None
+    assert "cannot take effect" in err
+
+
+def test_unknown_flag_names_are_not_known():
+    assert not runtime.xla_knows_flag("--xla_no_such_flag_in_any_xla")
+
+
+def test_compilation_cache_fills_and_can_be_switched_off(tmp_path):
+    cache = tmp_path / "xla"
+    compile_something = ("import jax, jax.numpy as jnp\n"
+                         "import jaxconv\n"
+                         "m = jaxconv.get_model('resnet18', num_classes=10)\n"
+                         "v = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))\n"
+                         "jax.jit(m.apply)(v, jnp.ones((2, 32, 32, 3))).block_until_ready()\n")
+    out, _ = _run({}, before=compile_something, cache=cache)
+    assert out["cache_dir"] == str(cache) and out["settings"]["compilation_cache"] == str(cache)
+    assert cache.is_dir() and any(cache.iterdir())
+    off, _ = _run({"JAXCONV_COMPILATION_CACHE": "0"})
+    assert off["cache_dir"] is None and off["settings"]["compilation_cache"] is None
+    users = tmp_path / "users"
+    kept, _ = _run({"JAX_COMPILATION_CACHE_DIR": str(users), "JAXCONV_COMPILATION_CACHE": str(cache)})
+    assert kept["cache_dir"] == str(users)
