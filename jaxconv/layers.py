@@ -117,6 +117,39 @@ def _dims(shape) -> str:
 
 # ----------------------------------------------------------------------------- layers
 
+def convolve(x, kernel, stride, padding, dilation=(1, 1), groups: int = 1):
+    """torch's convolution on NHWC input with an HWIO kernel (``padding``: explicit pairs or
+    'SAME'), through XLA's convolution -- except in float64.
+
+    XLA:CPU has no float64 convolution kernel: it emits loops that run at well under a
+    GFLOP/s (minutes for one VGG pass at 224x224), and rewrites a float64 *grouped*
+    convolution into a dense one with a block-diagonal kernel (``groups`` times the work
+    and memory: gigabytes for EfficientNet-B7's depthwise layers). Float64 (the parity
+    check's dtype) gathers the kernel's taps instead (im2col: for each (i, j) the strided
+    slice of the padded input) and multiplies them with the kernel as one (grouped)
+    matrix product, which XLA runs as a float64 GEMM: VGG-16 at 224 in seconds. Exact up
+    to float64 rounding; gradients follow by autodiff.
+    """
+    if jnp.dtype(x.dtype) != jnp.float64:
+        return lax.conv_general_dilated(x, kernel, window_strides=stride, padding=padding,
+                                        rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups)
+    kh, kw, cin_group, cout = kernel.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(x.shape[1:3], ((kh - 1) * dh + 1, (kw - 1) * dw + 1), stride, padding)
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    n, c = x.shape[0], x.shape[-1]
+    oh = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    ow = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    taps = [lax.slice(xp, (0, i * dh, j * dw, 0),
+                      (n, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    patches = jnp.stack(taps, axis=3).reshape(n, oh, ow, kh * kw, groups, cin_group)
+    y = jnp.einsum("nhwtgc,tcgo->nhwgo", patches, kernel.reshape(kh * kw, cin_group, groups, cout // groups))
+    return y.reshape(n, oh, ow, cout)
+
+
 class Conv2d(nn.Module):
     """torch.nn.Conv2d on NHWC input with an HWIO kernel.
 
@@ -155,12 +188,8 @@ class Conv2d(nn.Module):
                 if dim + p[0] + p[1] < d * (k - 1) + 1:
                     raise ValueError(f"Conv2d {self.name}: input {_dims(x.shape[1:3])} is too "
                                      f"small for a {kh}x{kw} kernel with padding {pads}")
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype),
-            window_strides=_pair(self.stride), padding=pads,
-            rhs_dilation=_pair(self.dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups)
+        y = convolve(x.astype(self.dtype), kernel.astype(self.dtype), _pair(self.stride), pads,
+                     _pair(self.dilation), self.groups)
         if self.use_bias:
             bias = self.param("bias", self.bias_init or torch_default_bias_init(fan_in),
                               (self.features,), self.param_dtype)
@@ -582,51 +611,3 @@ class StochasticDepth(nn.Module):
 
     def macs(self, in_shape, out_shape) -> int:
         return 0
-
-
-class DepthwiseConv2d(Conv2d):
-    """A depthwise Conv2d (``groups == in_channels == features``), same parameters and
-    torch mapping as :class:`Conv2d`; computed through ``feature_group_count`` except in
-    float64. XLA:CPU rewrites a float64 grouped convolution into a dense one with a
-    block-diagonal kernel (C times the work and memory: gigabytes and minutes for
-    EfficientNet-B7's 3840-channel layers), so float64 (the parity check's dtype) sums
-    the kh*kw shifted taps instead, which is exact up to float64 rounding.
-    """
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        c = x.shape[-1]
-        if self.groups != c or self.features != c:
-            raise ValueError(f"DepthwiseConv2d {self.name}: needs groups == in == out channels, got "
-                             f"in={c} out={self.features} groups={self.groups}")
-        (kh, kw), (sh, sw), (dh, dw) = _pair(self.kernel_size), _pair(self.stride), _pair(self.dilation)
-        kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init(),
-                            (kh, kw, 1, c), self.param_dtype)
-        if isinstance(self.padding, str):
-            pads = tuple(lax.padtype_to_pads(x.shape[1:3], ((kh - 1) * dh + 1, (kw - 1) * dw + 1),
-                                             (sh, sw), self.padding))
-        else:
-            pads = _padding_pairs(self.padding, f"DepthwiseConv2d {self.name}")
-        x, k = x.astype(self.dtype), kernel.astype(self.dtype)
-        if jnp.dtype(self.dtype) == jnp.float64:
-            xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-            oh = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
-            ow = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
-            if oh < 1 or ow < 1:
-                raise ValueError(f"DepthwiseConv2d {self.name}: input {_dims(x.shape[1:3])} is too small "
-                                 f"for a {kh}x{kw} kernel with padding {pads}")
-            y = None
-            for i in range(kh):
-                for j in range(kw):
-                    tap = lax.slice(xp, (0, i * dh, j * dw, 0),
-                                    (xp.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
-                                    (1, sh, sw, 1))
-                    y = tap * k[i, j, 0] if y is None else y + tap * k[i, j, 0]
-        else:
-            y = lax.conv_general_dilated(x, k, window_strides=(sh, sw), padding=pads, rhs_dilation=(dh, dw),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init or torch_default_bias_init(kh * kw),
-                              (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y

@@ -41,7 +41,16 @@ import numpy as np
 
 from jaxconv.registry import Preprocessing, get_model, model_info
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+def _weights_dir() -> Path:
+    """The repository's ``weights/``: installed as the package data ``jaxconv.weights``,
+    or beside the package in a source checkout."""
+    spec = importlib.util.find_spec("jaxconv.weights")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+WEIGHTS_DIR = _weights_dir()
 MANIFEST = WEIGHTS_DIR / "torchvision_weights.json"
 
 # torchvision's file names end in -<the first hex digits of the file's sha256>.<extension>

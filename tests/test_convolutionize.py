@@ -130,13 +130,30 @@ def test_each_family_map_mean_equals_the_logits(family):
     assert rel_err(mean[:, 0, 0], logits) <= 1e-5
 
 
-@pytest.mark.parametrize("name", jaxconv.list_models())
-def test_every_registered_model_can_be_convolutionized(name):
+# Every distinct architecture: each family's builder with each kind of block, stem and
+# head. The other registered variants differ from one of these only in their table
+# (depths, widths, resolution), which the families' parameter-count tests pin down, and
+# tracing all 51 names costs minutes of the suite.
+ARCHITECTURES = ["lenet5", "alexnet", "vgg11", "vgg11_bn", "nin", "nin_cifar10", "googlenet",
+                 "inception_v3", "resnet18", "resnet50", "resnext50_32x4d", "plain18", "resnet20",
+                 "densenet121", "efficientnet_b0", "efficientnet_b5", "efficientnet_v2_s",
+                 "efficientnet_lite0"]
+
+
+def test_the_architecture_list_covers_every_family():
+    def family(name):
+        build = jaxconv.model_info(name).build
+        return getattr(build, "func", build).__module__
+
+    assert {family(n) for n in ARCHITECTURES} == {family(n) for n in jaxconv.list_models()}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_architecture_can_be_convolutionized(name):
     """Structure only, abstractly (no compute): convolutionize succeeds at the model's input
     size, the rewritten model accepts its variables (flax checks every parameter's shape),
-    and an input larger
-    by (2s, s) pixels, s the trunk's stride, gives a map larger by (2, 1) cells of
-    ``num_classes`` scores."""
+    and an input larger by (2s, s) pixels, s the trunk's stride, gives a map larger by
+    (2, 1) cells of ``num_classes`` scores."""
     info = jaxconv.model_info(name)
     shape = info.input_size
     model = jaxconv.get_model(name)

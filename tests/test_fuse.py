@@ -13,8 +13,9 @@ from jaxconv.fuse import conv_bn_pairs, fuse_bn
 torch = pytest.importorskip("torch")
 
 # name -> (input size, BatchNorms that fold in eval mode, BatchNorms in all)
-CASES = {"resnet18": ((64, 64), 20, 20), "vgg11_bn": ((64, 64), 8, 8),
-         "googlenet": ((64, 64), 57, 59), "efficientnet_b0": ((64, 64), 49, 49)}
+# (VGG-BN's Conv -> BatchNorm pairs are ResNet's case; its float64 convolutions are slow)
+CASES = {"resnet18": ((64, 64), 20, 20), "googlenet": ((64, 64), 57, 59),
+         "efficientnet_b0": ((64, 64), 49, 49)}
 
 
 def _nchw(x):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxconv.convert.mapping import TorchMapping
-from jaxconv.layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, DepthwiseConv2d, Dropout, Linear, ReLU6, SiLU,
+from jaxconv.layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Linear, ReLU6, SiLU,
                             SqueezeExcitation, StochasticDepth, add_sequence, check_nhwc,
                             kaiming_normal_fan_out, run_sequence)
 from jaxconv.registry import ModelInfo, Preprocessing
@@ -207,7 +207,7 @@ class MBConv(_Block):
         groups = []
         if expanded != self.in_channels:
             groups.append(add_sequence(self, "block_0", [conv(expanded, 1), norm(), act()]))
-        depthwise = partial(DepthwiseConv2d, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        depthwise = partial(Conv2d, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                             kernel_init=kaiming_normal_fan_out())
         groups.append(add_sequence(self, f"block_{len(groups)}", [
             depthwise(expanded, self.kernel, stride=self.stride, padding=pad(self.kernel), groups=expanded),
