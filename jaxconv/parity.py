@@ -63,8 +63,11 @@ def torchvision_model(name: str, num_classes: int | None = None, **kwargs):
     info = model_info(name)
     if info.torchvision is None:
         raise ValueError(f"{name} has no torchvision counterpart; build the torch reference yourself")
-    return torchvision.models.get_model(info.torchvision, weights=None,
-                                        num_classes=num_classes or info.num_classes, **kwargs)
+    torch = _torch()
+    with torch.random.fork_rng(devices=[]):      # the same random weights every time
+        torch.manual_seed(0)
+        return torchvision.models.get_model(info.torchvision, weights=None,
+                                            num_classes=num_classes or info.num_classes, **kwargs)
 
 
 def randomize(torch_model, seed: int = 0) -> None:
@@ -104,11 +107,14 @@ def calibrate_batchnorm(torch_model, input_shape_nchw: tuple[int, ...], passes: 
 
 
 def prepare_reference(torch_model, calibration_shape_nchw, seed: int = 0):
-    """Randomise and calibrate ``torch_model`` in place (float64 from here on); returns it."""
-    torch_model.double()
+    """Randomise and calibrate ``torch_model`` in place, then make it float64; returns it.
+
+    The calibration runs in float32 (torch's float64 convolutions on a CPU are several
+    times slower); the statistics it leaves are simply the reference's buffers."""
+    torch_model.float()
     randomize(torch_model, seed)
     calibrate_batchnorm(torch_model, calibration_shape_nchw, seed=seed)
-    return torch_model
+    return torch_model.double()
 
 
 def _state_dict(torch_model) -> dict[str, np.ndarray]:
@@ -131,6 +137,11 @@ def _logits(out):
 def torch_intermediates(torch_model, x_nchw, names) -> dict[str, np.ndarray]:
     """Outputs of the named torch modules (NHWC for 4-d maps); modules called more than
     once in a pass are left out (their output is ambiguous)."""
+    return torch_output_and_intermediates(torch_model, x_nchw, names)[1]
+
+
+def torch_output_and_intermediates(torch_model, x_nchw, names):
+    """``(the model's output, torch_intermediates(...))`` from one forward pass."""
     torch = _torch()
     modules = dict(torch_model.named_modules())
     seen: dict[str, list] = {}
@@ -143,7 +154,7 @@ def torch_intermediates(torch_model, x_nchw, names) -> dict[str, np.ndarray]:
             hooks.append(modules[name].register_forward_hook(hook))
     try:
         with torch.no_grad():
-            torch_model(x_nchw)
+            output = torch_model(x_nchw)
     finally:
         for h in hooks:
             h.remove()
@@ -152,7 +163,7 @@ def torch_intermediates(torch_model, x_nchw, names) -> dict[str, np.ndarray]:
         if len(values) == 1:
             v = values[0].numpy()
             out[name] = v.transpose(0, 2, 3, 1) if v.ndim == 4 else v
-    return out
+    return output, out
 
 
 @dataclass
@@ -220,7 +231,7 @@ def check_eval(name: str, torch_model, size, batch: int = 2, seed: int = 0,
     (returns a list; the weights are converted once and every program is compiled
     before any runs, two at a time)."""
     torch = _torch()
-    from jaxconv.summary import intermediates as jax_intermediates
+    from jaxconv.summary import output_and_intermediates
 
     sizes = [tuple(size)] if isinstance(size[0], int) else [tuple(s) for s in size]
     info = model_info(name)
@@ -228,14 +239,15 @@ def check_eval(name: str, torch_model, size, batch: int = 2, seed: int = 0,
     num_classes = overrides.pop("num_classes", None)
     channels = overrides.get("in_channels", info.input_size[2])
     torch_model.eval()
+    # float64 inputs that float32 holds exactly: the float64 reference serves both checks
     xs = [np.random.default_rng(seed + 7 + i).standard_normal((batch, h, w, channels))
-          for i, (h, w) in enumerate(sizes)]
+          .astype(np.float32).astype(np.float64) for i, (h, w) in enumerate(sizes)]
     with jax.enable_x64(True):
         model64 = get_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
                             **overrides)
         variables64 = from_torchvision(name, _state_dict(torch_model), num_classes=num_classes, **overrides)
         if intermediates:   # the logits come out of the same program as the intermediates
-            pass64 = jax.jit(lambda v, x: (jax_intermediates(model64, v, x), model64.apply(v, x)))
+            pass64 = jax.jit(lambda v, x: output_and_intermediates(model64, v, x)[::-1])
         else:
             pass64 = jax.jit(lambda v, x: ({}, model64.apply(v, x)))
         lowered = [pass64.lower(variables64, jnp.asarray(x)) for x in xs]
@@ -249,13 +261,12 @@ def check_eval(name: str, torch_model, size, batch: int = 2, seed: int = 0,
     torch_name = info.mapping.torch_name
     with jax.enable_x64(True):
         for (h, w), x, program in zip(sizes, xs, programs):
-            with torch.no_grad():
-                ref64 = _logits(torch_model(torch.from_numpy(_to_nchw(x)))).numpy()
             mine, out64 = program(variables64, jnp.asarray(x))
+            names = {torch_name(tuple(p.split("/"))): p for p in mine}
+            ref64, theirs = torch_output_and_intermediates(torch_model, torch.from_numpy(_to_nchw(x)), names)
+            ref64 = _logits(ref64).numpy()
             inter = {}
             if mine:
-                names = {torch_name(tuple(p.split("/"))): p for p in mine}
-                theirs = torch_intermediates(torch_model, torch.from_numpy(_to_nchw(x)), names)
                 for tname, value in theirs.items():
                     ours = _flat_to_torch(np.asarray(mine[names[tname]]), info.mapping.flatten_linears)
                     if ours.shape == value.shape:
@@ -271,10 +282,9 @@ def check_eval(name: str, torch_model, size, batch: int = 2, seed: int = 0,
             with torch.no_grad():
                 out_t32 = _logits(torch32(torch.from_numpy(_to_nchw(x32)))).numpy()
             out_j32 = np.asarray(_logits(program(variables32, jnp.asarray(x32))))
-            # the reference: torch64 on the float32 input
-            with torch.no_grad():
-                ref = _logits(torch_model(torch.from_numpy(_to_nchw(x32.astype(np.float64))))).numpy()
-            result.f32_jax, result.f32_torch = rel_err(out_j32, ref), rel_err(out_t32, ref)
+            # the reference: torch64 on the same (float32-exact) input
+            result.f32_jax = rel_err(out_j32, result.reference)
+            result.f32_torch = rel_err(out_t32, result.reference)
     return results[0] if isinstance(size[0], int) else results
 
 

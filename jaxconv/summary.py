@@ -138,9 +138,15 @@ def intermediates(model: nn.Module, variables: Any, x, train: bool = False,
     """Every submodule's output in one forward pass, keyed by module path
     (``'features_0'``, ``'layer1_0/conv1'``; the path of a torch module ``a.b.0`` is
     ``a_b_0``-style as in the variables). ``names`` keeps only those paths."""
+    return output_and_intermediates(model, variables, x, train, names, rngs)[1]
+
+
+def output_and_intermediates(model: nn.Module, variables: Any, x, train: bool = False,
+                             names: Iterable[str] | None = None, rngs: Any = None):
+    """``(model output, intermediates(...))`` from the same single forward pass."""
     mutable = ["intermediates"] + (["batch_stats"] if train else [])
-    _, state = model.apply(variables, x, train=train, capture_intermediates=True,
-                           mutable=mutable, rngs=rngs)
+    output, state = model.apply(variables, x, train=train, capture_intermediates=True,
+                                mutable=mutable, rngs=rngs)
     out: dict[str, jax.Array] = {}
 
     def walk(tree, path):
@@ -159,4 +165,4 @@ def intermediates(model: nn.Module, variables: Any, x, train: bool = False,
         if missing:
             raise KeyError(f"no intermediate named {', '.join(missing)}; available: {', '.join(out)}")
         out = {n: out[n] for n in wanted}
-    return out
+    return output, out

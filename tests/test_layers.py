@@ -37,6 +37,23 @@ def test_max_pool_matches_torch(size, k, s, p, ceil_mode):
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize("size", [7, 8, 24])
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 3, 0), (3, 2, 1)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool_gradient_matches_torch_with_ties(size, k, s, p, ceil_mode):
+    # small integers tie in most windows: the gradient must go to the same (first) maximum as torch's
+    x = np.random.default_rng(size).integers(-2, 3, size=(2, size, size + 3, 3)).astype(np.float64)
+    layer = layers.MaxPool2d(k, s, p, ceil_mode=ceil_mode)
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(lambda v: layer.apply({}, v), jnp.asarray(x))
+        g = np.random.default_rng(1).standard_normal(y.shape)
+        grad = np.asarray(vjp(jnp.asarray(g))[0])
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_()
+    torch.nn.MaxPool2d(k, s, p, ceil_mode=ceil_mode)(xt).backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(y), torch_run(torch.nn.MaxPool2d(k, s, p, ceil_mode=ceil_mode), x))
+    np.testing.assert_array_equal(grad, xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
 def test_ceil_mode_changes_the_output_size():
     # 112 -> 55 with floor, 56 with ceil (GoogLeNet's first pool): a port without
     # ceil_mode gets the shape wrong.
@@ -133,3 +150,38 @@ def test_default_init_is_torchs():
     for leaf in (v["kernel"], v["bias"]):
         assert np.abs(leaf).max() <= bound
         assert np.abs(leaf).max() > 0.9 * bound
+
+
+def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
+    conv = layers.Conv2d(8, 3)
+    x = jnp.zeros((1, 9, 9, 4))
+    variables = conv.init(jax.random.key(0), x)
+    assert variables["params"]["kernel"].shape == (3, 3, 4, 8)
+    wrong = {"params": {**variables["params"], "kernel": jnp.zeros((5, 5, 4, 8))}}
+    with pytest.raises(ValueError, match=r"kernel has shape \(5, 5, 4, 8\); the module needs \(3, 3, 4, 8\)"):
+        conv.apply(wrong, x)
+
+
+@pytest.mark.parametrize("k,s,p,d", [(5, 1, 0, 1), (3, 2, 1, 1), (3, 1, 2, 2), (4, 3, (1, 2), 1)])
+def test_one_input_channel_convolution_and_its_gradient_match_torch_in_float32(k, s, p, d):
+    # float32 with one input channel takes layers.convolve's tap-sum path and a custom gradient
+    rng = np.random.default_rng(k + s)
+    x = rng.standard_normal((3, 17, 20, 1)).astype(np.float32)
+    conv = layers.Conv2d(6, k, stride=s, padding=p, dilation=d)
+    variables = conv.init(jax.random.key(0), jnp.asarray(x))
+    y, vjp = jax.vjp(lambda v, a: conv.apply(v, a), variables, jnp.asarray(x))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dv, dx = vjp(jnp.asarray(g))
+
+    t = torch.nn.Conv2d(1, 6, k, stride=s, padding=p, dilation=d).double()
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1).copy()))
+        t.bias.copy_(torch.from_numpy(np.asarray(variables["params"]["bias"])))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float64)).requires_grad_()
+    yt = t(xt)
+    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).astype(np.float64)))
+    assert y.shape == yt.shape[:1] + yt.shape[2:] + yt.shape[1:2]
+    assert rel_err(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1)) < 1e-5
+    assert rel_err(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1)) < 1e-5
+    assert rel_err(np.asarray(dv["params"]["kernel"]), t.weight.grad.numpy().transpose(2, 3, 1, 0)) < 1e-5
+    assert rel_err(np.asarray(dv["params"]["bias"]), t.bias.grad.numpy()) < 1e-5

@@ -184,3 +184,23 @@ def test_cli_choices_match_the_library():
     sub = build_parser()._subparsers._group_actions[0].choices["train"]
     choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
     assert choices["augment"] == RECIPES and choices["optimizer"] == OPTIMIZERS and choices["schedule"] == SCHEDULES
+
+
+# ----------------------------------------------------------------------------- the recorded real-data runs
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST, "t10k-images-idx3-ubyte.gz")),
+                    reason="needs `apt-get install -y dataset-fashion-mnist` (scripts/test installs it)")
+@pytest.mark.parametrize("model, weights, target", [
+    ("lenet5", None, 0.905),                                   # issue 7: LeNet5, 10 epochs, >= 0.905
+    ("resnet20", "resnet20_fashion_mnist.npz", 0.93),          # issue 7: a CIFAR-style ResNet, >= 0.93
+])
+def test_shipped_fashion_mnist_weights_reach_the_issue_targets(model, weights, target):
+    from jaxconv.train.loop import evaluate
+
+    r = evaluate(model, "fashion-mnist", weights=weights and os.path.join(WEIGHTS_DIR, weights), threads=1)
+    assert r["count"] == 10_000
+    assert r["top1"] >= target, (model, r)
