@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import jaxconv
+from jaxconv import parity
+from jaxconv.convert import from_torchvision
 from jaxconv.convolutionize import ConvolutionizeError, convolutionize, dense_predict
 from jaxconv.parity import rel_err
 
@@ -117,7 +119,14 @@ def test_each_family_map_mean_equals_the_logits(family):
         options = {"aux_logits": False} if build_model == "inception_v3" else {}
         model = jaxconv.get_model(build_model, **options)
     x = np.random.default_rng(5).standard_normal((2, *shape)).astype(np.float32)
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    if family in ("googlenet", "inception"):
+        # torchvision's initialisation, converted: compiling jaxconv's truncated-normal
+        # init of these two costs ~30 s each
+        tv = parity.torchvision_model(build_model, **options)
+        variables = from_torchvision(build_model, {k: v.detach().numpy() for k, v in tv.state_dict().items()},
+                                     **options)
+    else:
+        variables = jax.jit(model.init)(jax.random.key(0), x[:1])
     fcn, fcn_variables = convolutionize(model, variables, shape)
     averaged, averaged_variables = convolutionize(model, variables, shape, average=True)
     # one compilation for the three (XLA shares the common trunk)

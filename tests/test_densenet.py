@@ -43,17 +43,14 @@ def test_densenet121_eval_parity(densenet121_ref):
 
 @pytest.mark.parametrize("name", NAMES[1:])
 def test_big_densenet_eval_parity(name):
-    # Every layer at an odd size, and the logits (float64 and float32) at the default
-    # 224x224 too: the per-layer program at 224 compiles for minutes on CPU, and the
-    # layers' arithmetic does not depend on the size.
+    # Every layer at an odd size. DenseNet-161/169/201 differ from DenseNet-121 (checked at
+    # 224x224 above) only in their table (growth rate, block depths), and the layers'
+    # arithmetic does not depend on the size; a float64 224x224 pass of each cost a minute
+    # of the suite.
     ref = reference(name)
     odd = parity.check_eval(name, ref, (61, 77), batch=1)
     print(odd.line())
     assert_parity(odd)
-    default = parity.check_eval(name, ref, (224, 224), batch=1, intermediates=False)
-    print(default.line())
-    assert default.f64_logits <= 1e-9, default.line()
-    assert default.f32_jax <= default.f32_bound, default.line()
 
 
 def test_densenet121_train_parity(densenet121_ref):

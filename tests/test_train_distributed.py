@@ -79,8 +79,9 @@ def test_four_devices_equal_one_device(tmp_path):
         for n in (1, 4):
             runs["lenet5", n] = to_host(train(lenet, devices=n, out="{tmp_path}/lenet5-%d" % n).state)
         def parts(a, b):
-            return {{k: max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-                           for x, y in zip(jax.tree.leaves(getattr(a, k)), jax.tree.leaves(getattr(b, k))), default=0.0)
+            return {{k: max([float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                            for x, y in zip(jax.tree.leaves(getattr(a, k)), jax.tree.leaves(getattr(b, k)))],
+                           default=0.0)
                     for k in ("params", "batch_stats", "opt_state")}}
         means = [np.asarray(v["mean"]) for v in jax.tree.leaves(
             runs["float64", 1].batch_stats, is_leaf=lambda t: isinstance(t, dict) and "mean" in t)]
