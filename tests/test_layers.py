@@ -162,18 +162,25 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
         conv.apply(wrong, x)
 
 
-@pytest.mark.parametrize("k,s,p,d", [(5, 1, 0, 1), (3, 2, 1, 1), (3, 1, 2, 2), (4, 3, (1, 2), 1)])
-def test_one_input_channel_convolution_and_its_gradient_match_torch_in_float32(k, s, p, d):
-    # float32 with one input channel takes layers.convolve's tap-sum path and a custom gradient
-    rng = np.random.default_rng(k + s)
-    x = rng.standard_normal((3, 17, 20, 1)).astype(np.float32)
-    conv = layers.Conv2d(6, k, stride=s, padding=p, dilation=d)
+@pytest.mark.parametrize("cin,cout,groups,k,s,p,d", [
+    (1, 6, 1, 5, 1, 0, 1), (1, 6, 1, 3, 2, 1, 1), (1, 6, 1, 3, 1, 2, 2), (1, 6, 1, 4, 3, (1, 2), 1),  # one channel
+    (32, 32, 8, 3, 1, 1, 1), (32, 64, 8, 3, 2, 1, 1),      # ResNeXt-style groups of 4 channels: tap sum
+    (64, 64, 4, 3, 2, 1, 1), (48, 48, 3, 3, 1, 2, 2),      # 16 channels a group: XLA's forward
+    (24, 24, 24, 5, 2, 2, 1), (16, 32, 16, 3, 1, 1, 1),    # depthwise, and with a multiplier of 2
+    (8, 8, 8, 3, 1, 3, 1), (12, 12, 4, (3, 1), (2, 1), (1, 0), 1),  # padding beyond the kernel; 3x1
+])
+def test_grouped_and_one_channel_convolutions_and_their_gradients_match_torch_in_float32(cin, cout, groups, k, s, p, d):
+    # float32 grouped, depthwise and one-input-channel convolutions take layers.convolve's
+    # CPU path (_grouped_conv: tap sums and a custom gradient)
+    rng = np.random.default_rng(cin + cout + groups)
+    x = rng.standard_normal((3, 17, 20, cin)).astype(np.float32)
+    conv = layers.Conv2d(cout, k, stride=s, padding=p, dilation=d, groups=groups)
     variables = conv.init(jax.random.key(0), jnp.asarray(x))
-    y, vjp = jax.vjp(lambda v, a: conv.apply(v, a), variables, jnp.asarray(x))
+    y, vjp = jax.jit(lambda v, a: jax.vjp(lambda v, a: conv.apply(v, a), v, a))(variables, jnp.asarray(x))
     g = rng.standard_normal(y.shape).astype(np.float32)
     dv, dx = vjp(jnp.asarray(g))
 
-    t = torch.nn.Conv2d(1, 6, k, stride=s, padding=p, dilation=d).double()
+    t = torch.nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=groups).double()
     with torch.no_grad():
         t.weight.copy_(torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1).copy()))
         t.bias.copy_(torch.from_numpy(np.asarray(variables["params"]["bias"])))
@@ -185,3 +192,17 @@ def test_one_input_channel_convolution_and_its_gradient_match_torch_in_float32(k
     assert rel_err(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1)) < 1e-5
     assert rel_err(np.asarray(dv["params"]["kernel"]), t.weight.grad.numpy().transpose(2, 3, 1, 0)) < 1e-5
     assert rel_err(np.asarray(dv["params"]["bias"]), t.bias.grad.numpy()) < 1e-5
+
+
+def test_grouped_convolution_is_xlas_own_off_cpu():
+    # the tap sum and custom gradient are for XLA:CPU only; lowered for a GPU, a grouped
+    # convolution and its gradient are XLA's convolutions (no tap sum's multiplies)
+    conv = layers.Conv2d(32, 3, padding=1, groups=8, use_bias=False)
+    x = jnp.zeros((2, 9, 9, 32))
+    variables = conv.init(jax.random.key(0), x)
+    loss = jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=(0, 1))
+    texts = {platform: jax.jit(loss).trace(variables, x).lower(lowering_platforms=(platform,)).as_text()
+             for platform in ("cpu", "cuda")}
+    assert "feature_group_count = 8" in texts["cuda"]
+    assert texts["cuda"].count("stablehlo.convolution") == 3   # forward, input and kernel gradients
+    assert texts["cpu"].count("stablehlo.multiply") > 9 * 4      # one per tap and input channel

@@ -73,9 +73,7 @@ def test_four_devices_equal_one_device(tmp_path):
                 assert r.step == steps
                 runs[dtype, n] = to_host(r.state)
                 sharded_on[dtype, n] = r.state.params["conv1"]["kernel"].sharding.mesh.size
-        lenet = TrainConfig(model="lenet5", data="synthetic", data_options={{"n": 96}}, batch_size=16, steps=8,
-                            lr=0.05, progress=False, quiet=True, eval_every=-1, threads=1, log_every=1, plot=False,
-                            save_variables=False, async_checkpoint=False)
+        lenet = TrainConfig(**{dict(SMALL, log_every=1, plot=False, save_variables=False, async_checkpoint=False)!r})
         for n in (1, 4):
             runs["lenet5", n] = to_host(train(lenet, devices=n, out="{tmp_path}/lenet5-%d" % n).state)
         def parts(a, b):
