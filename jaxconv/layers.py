@@ -383,14 +383,79 @@ class Linear(nn.Module):
         return int(np.prod(in_shape[1:])) * self.features
 
 
+def _sum_rows(rows):
+    """Column sums of a 2-d array as a matrix-vector product with ones (see batch_norm_train)."""
+    ones = jnp.ones((rows.shape[0],), rows.dtype)
+    return jnp.dot(ones, rows, precision=lax.Precision.HIGHEST)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train_cpu(x, scale, bias, eps):
+    y, mean, var, _ = _batch_norm_train_forward(x, scale, bias, eps)
+    return y, mean, var
+
+
+def _batch_norm_train_forward(x, scale, bias, eps):
+    rows = x.reshape(-1, x.shape[-1])
+    count = rows.shape[0]
+    mean = _sum_rows(rows) / count
+    centred = rows - mean
+    var = _sum_rows(jnp.square(centred)) / count       # two-pass, biased
+    rstd = lax.rsqrt(var + eps)
+    y = rows * (scale * rstd) + (bias - mean * scale * rstd)
+    return y.reshape(x.shape), mean, var, rstd
+
+
+def _batch_norm_train_fwd(x, scale, bias, eps):
+    y, mean, var, rstd = _batch_norm_train_forward(x, scale, bias, eps)
+    return (y, mean, var), (x, scale, mean, rstd)
+
+
+def _batch_norm_train_bwd(eps, residuals, cotangents):
+    x, scale, mean, rstd = residuals
+    g_y, g_mean, g_var = cotangents
+    rows, g = x.reshape(-1, x.shape[-1]), g_y.reshape(-1, x.shape[-1])
+    count = rows.shape[0]
+    centred = rows - mean
+    xhat = centred * rstd
+    g_bias = _sum_rows(g)
+    g_scale = _sum_rows(g * xhat)
+    g_x = (scale * rstd) * (g - g_bias / count - xhat * (g_scale / count))
+    g_x = g_x + g_mean / count + centred * (2 * g_var / count)
+    return g_x.reshape(x.shape), g_scale, g_bias
+
+
+_batch_norm_train_cpu.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+def batch_norm_train(x, scale, bias, eps):
+    """Train-mode BatchNorm over the last axis: ``(y, batch mean, biased batch variance)``.
+
+    On CPU the statistics and the gradient's per-channel sums are matrix-vector products
+    with a vector of ones, under a custom gradient: XLA:CPU's reductions over the leading
+    axes run at a fraction of its GEMV (batch 16, 14x14x1024: 29 ms against 2.5 ms for
+    both statistics; torch's whole train-mode BatchNorm: 5.2 ms). Elsewhere (GPU, TPU,
+    where a float32 dot may round its inputs) it is plain reductions and autodiff."""
+    def by_reduction(x, scale, bias):
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(x, axes)
+        var = jnp.mean(jnp.square(x - mean), axes)
+        alpha = scale * lax.rsqrt(var + eps)
+        return x * alpha + (bias - mean * alpha), mean, var
+
+    return lax.platform_dependent(x, scale, bias, cpu=lambda *a: _batch_norm_train_cpu(*a, eps),
+                                  default=by_reduction)
+
+
 class BatchNorm2d(nn.Module):
     """torch.nn.BatchNorm2d over the last (channel) axis.
 
     ``momentum`` follows Flax's convention, ``1 - torch's`` (torch's 0.1 is 0.9 here).
     In train mode the batch is normalised with its biased variance and
     ``batch_stats['var']`` is updated with the unbiased one, as torch does. Statistics
-    are kept in ``param_dtype`` and computed in at least float32 whatever ``dtype`` is.
-    Under ``jax.jit`` with a sharded batch the statistics are global automatically.
+    are kept in ``param_dtype`` and computed in at least float32 whatever ``dtype`` is
+    (train mode: :func:`batch_norm_train`). Under ``jax.jit`` with a sharded batch the
+    statistics are global automatically.
 
     A BatchNorm2d whose variables hold only ``params/bias`` (no ``scale``, no
     statistics) has been folded into the convolution before it by :func:`jaxconv.fuse_bn`
@@ -425,18 +490,16 @@ class BatchNorm2d(nn.Module):
             if count < 2:
                 raise ValueError(f"BatchNorm2d {self.name}: expected more than 1 value per "
                                  f"channel when training, got input shape {x.shape}")
-            axes = tuple(range(x.ndim - 1))
-            xs = x.astype(stat_dtype)
-            mean = jnp.mean(xs, axes)
-            var = jnp.mean(jnp.square(xs - mean), axes)  # two-pass, biased
+            y, mean, var = batch_norm_train(x.astype(stat_dtype), scale.astype(stat_dtype),
+                                            bias.astype(stat_dtype), self.eps)
             if not self.is_initializing():
                 m = self.momentum
                 running_mean.value = (m * running_mean.value + (1 - m) * mean).astype(self.param_dtype)
                 unbiased = var * (count / (count - 1))
                 running_var.value = (m * running_var.value + (1 - m) * unbiased).astype(self.param_dtype)
-        else:
-            mean = running_mean.value.astype(stat_dtype)
-            var = running_var.value.astype(stat_dtype)
+            return y.astype(self.dtype)
+        mean = running_mean.value.astype(stat_dtype)
+        var = running_var.value.astype(stat_dtype)
         alpha = scale.astype(stat_dtype) * lax.rsqrt(var + self.eps)
         beta = bias.astype(stat_dtype) - mean * alpha
         return x.astype(self.dtype) * alpha.astype(self.dtype) + beta.astype(self.dtype)

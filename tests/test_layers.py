@@ -206,3 +206,26 @@ def test_grouped_convolution_is_xlas_own_off_cpu():
     assert "feature_group_count = 8" in texts["cuda"]
     assert texts["cuda"].count("stablehlo.convolution") == 3   # forward, input and kernel gradients
     assert texts["cpu"].count("stablehlo.multiply") > 9 * 4      # one per tap and input channel
+
+
+def test_batch_norm_train_gradient_includes_the_statistics_outputs():
+    # batch_norm_train's CPU path has a hand-written gradient; it must also carry cotangents
+    # that reach the batch mean and variance (a loss on the running statistics), checked
+    # against autodiff of the textbook formula in float64
+    rng = np.random.default_rng(3)
+    x, scale, bias = (rng.standard_normal(s) for s in ((4, 5, 6, 7), (7,), (7,)))
+    x = x * 3 + 1
+
+    def textbook(x, scale, bias):
+        mean = jnp.mean(x, (0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias, mean, var
+
+    cotangents = tuple(rng.standard_normal(s) for s in (x.shape, (7,), (7,)))
+    with jax.enable_x64(True):
+        args = tuple(jnp.asarray(a, jnp.float64) for a in (x, scale, bias))
+        ours, ours_vjp = jax.vjp(lambda *a: layers.batch_norm_train(*a, 1e-5), *args)
+        ref, ref_vjp = jax.vjp(textbook, *args)
+        cts = tuple(jnp.asarray(c, jnp.float64) for c in cotangents)
+        for a, b in zip((*ours, *ours_vjp(cts)), (*ref, *ref_vjp(cts))):
+            assert rel_err(np.asarray(a), np.asarray(b)) < 1e-12
