@@ -9,8 +9,9 @@ The protocol (``shared/DESIGN.md``):
 1. Build the torch model with random weights: every bias and every BatchNorm's weight
    and bias randomised, and BatchNorm running statistics calibrated to real activation
    statistics (reset, ``momentum=None``, a few train-mode passes on random inputs
-   without gradients, momentum restored, eval). Purely random statistics make deep
-   nets explode and hide mistakes; zero biases would hide a dropped bias.
+   without gradients, dropout and stochastic depth off, momentum restored, eval).
+   Purely random statistics make deep nets explode and hide mistakes; zero biases
+   would hide a dropped bias.
 2. float64 mapping check: torch in double against jaxconv under ``jax_enable_x64`` with
    ``dtype=param_dtype=float64``: ``max|d| / max|ref|`` on the logits and on every
    intermediate whose module exists on both sides. A mapping mistake shows at ~1e-1;
@@ -83,6 +84,13 @@ def randomize(torch_model, seed: int = 0) -> None:
                 module.bias.copy_((torch.rand(module.bias.shape, generator=gen) - 0.5) * 0.2)
 
 
+def _draws_random_numbers(module) -> bool:
+    """Dropout of any kind and torchvision's StochasticDepth: train-mode modules that
+    draw from torch's global random state."""
+    torch = _torch()
+    return isinstance(module, torch.nn.modules.dropout._DropoutNd) or type(module).__name__ == "StochasticDepth"
+
+
 def calibrate_batchnorm(torch_model, input_shape_nchw: tuple[int, ...], passes: int = 3,
                         seed: int = 0) -> None:
     """Set every BatchNorm's running statistics to the statistics of real activations."""
@@ -98,7 +106,14 @@ def calibrate_batchnorm(torch_model, input_shape_nchw: tuple[int, ...], passes: 
     gen = torch.Generator().manual_seed(seed + 1)
     dtype = next(torch_model.parameters()).dtype
     torch_model.train()
-    with torch.no_grad():
+    # Dropout and stochastic depth off: the statistics are those of the network that eval
+    # runs, and they do not depend on torch's global random state (which the tests that
+    # ran before in the same process would decide).
+    for m in torch_model.modules():
+        if _draws_random_numbers(m):
+            m.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         for _ in range(passes):
             torch_model(torch.randn(input_shape_nchw, generator=gen).to(dtype))
     for m, momentum in zip(norms, momenta):
