@@ -148,7 +148,8 @@ def convolve(x, kernel, stride, padding, dilation=(1, 1), groups: int = 1):
       (grouped) matrix product, which XLA runs as a float64 GEMM: VGG-16 at 224 in seconds.
       Exact up to float64 rounding; gradients follow by autodiff.
     * float32 grouped and depthwise convolutions, and one input channel, on CPU: see
-      :func:`_grouped_conv`. On other platforms XLA's convolution runs as it is.
+      :func:`_grouped_conv`; float32 unpadded 1x1 convolutions on CPU: a matrix product
+      (:func:`_pointwise_dot`). On other platforms XLA's convolution runs as it is.
     """
     kh, kw, cin_group, cout = kernel.shape
     if isinstance(padding, str):
@@ -166,7 +167,26 @@ def convolve(x, kernel, stride, padding, dilation=(1, 1), groups: int = 1):
         return lax.platform_dependent(
             x, kernel, cpu=lambda a, k: _grouped_conv(a, k, stride, padding, dilation, groups),
             default=lambda a, k: _xla_conv(a, k, stride, padding, dilation, groups))
+    if jnp.dtype(x.dtype) == jnp.float32 and (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
+        return lax.platform_dependent(
+            x, kernel, cpu=lambda a, k: _pointwise_dot(a, k, stride),
+            default=lambda a, k: _xla_conv(a, k, stride, padding, dilation, groups))
     return _xla_conv(x, kernel, stride, padding, dilation, groups)
+
+
+def _pointwise_dot(x, kernel, stride):
+    """An unpadded 1x1 convolution as a matrix product over the channel axis.
+
+    XLA:CPU rewrites the forward into a dot itself, but not the kernel's gradient: that
+    stays a convolution with batch and channels swapped, whose operand is a transposed
+    copy of the input. When the input is a residual block's output, XLA fuses the copy
+    with everything elementwise that produced it -- the BatchNorm affines, adds and ReLUs
+    of every earlier block of the stage -- and recomputes that chain in transposed order
+    (ResNet-50's train step at batch 16: 7.1 s against 5.8 s with this dot, whose kernel
+    gradient is a GEMM over batch x height x width reading the input as it lies)."""
+    if stride != (1, 1):
+        x = x[:, ::stride[0], ::stride[1]]
+    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
 
 
 def _xla_conv(x, kernel, stride, padding, dilation, groups=1):

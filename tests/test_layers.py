@@ -168,10 +168,12 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
     (64, 64, 4, 3, 2, 1, 1), (48, 48, 3, 3, 1, 2, 2),      # 16 channels a group: XLA's forward
     (24, 24, 24, 5, 2, 2, 1), (16, 32, 16, 3, 1, 1, 1),    # depthwise, and with a multiplier of 2
     (8, 8, 8, 3, 1, 3, 1), (12, 12, 4, (3, 1), (2, 1), (1, 0), 1),  # padding beyond the kernel; 3x1
+    (16, 24, 1, 1, 1, 0, 1), (16, 24, 1, 1, 2, 0, 1), (16, 24, 1, 1, (2, 3), 0, 1),  # 1x1: a dot
+    (16, 24, 1, 1, 1, 1, 1),                               # padded 1x1: XLA's convolution
 ])
-def test_grouped_and_one_channel_convolutions_and_their_gradients_match_torch_in_float32(cin, cout, groups, k, s, p, d):
+def test_cpu_convolution_paths_and_their_gradients_match_torch_in_float32(cin, cout, groups, k, s, p, d):
     # float32 grouped, depthwise and one-input-channel convolutions take layers.convolve's
-    # CPU path (_grouped_conv: tap sums and a custom gradient)
+    # CPU path (_grouped_conv: tap sums and a custom gradient), unpadded 1x1 ones a dot
     rng = np.random.default_rng(cin + cout + groups)
     x = rng.standard_normal((3, 17, 20, cin)).astype(np.float32)
     conv = layers.Conv2d(cout, k, stride=s, padding=p, dilation=d, groups=groups)
@@ -194,18 +196,35 @@ def test_grouped_and_one_channel_convolutions_and_their_gradients_match_torch_in
     assert rel_err(np.asarray(dv["params"]["bias"]), t.bias.grad.numpy()) < 1e-5
 
 
+def _lowered_gradient(conv, x, platform):
+    variables = conv.init(jax.random.key(0), x)
+    loss = jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=(0, 1))
+    return jax.jit(loss).trace(variables, x).lower(lowering_platforms=(platform,)).as_text()
+
+
 def test_grouped_convolution_is_xlas_own_off_cpu():
     # the tap sum and custom gradient are for XLA:CPU only; lowered for a GPU, a grouped
     # convolution and its gradient are XLA's convolutions (no tap sum's multiplies)
     conv = layers.Conv2d(32, 3, padding=1, groups=8, use_bias=False)
     x = jnp.zeros((2, 9, 9, 32))
-    variables = conv.init(jax.random.key(0), x)
-    loss = jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=(0, 1))
-    texts = {platform: jax.jit(loss).trace(variables, x).lower(lowering_platforms=(platform,)).as_text()
-             for platform in ("cpu", "cuda")}
-    assert "feature_group_count = 8" in texts["cuda"]
-    assert texts["cuda"].count("stablehlo.convolution") == 3   # forward, input and kernel gradients
-    assert texts["cpu"].count("stablehlo.multiply") > 9 * 4      # one per tap and input channel
+    cuda, cpu = _lowered_gradient(conv, x, "cuda"), _lowered_gradient(conv, x, "cpu")
+    assert "feature_group_count = 8" in cuda
+    assert cuda.count("stablehlo.convolution") == 3   # forward, input and kernel gradients
+    # on CPU the forward and the input gradient are tap sums (beside XLA's convolution in a
+    # conditional's other branch): one multiply per tap and input channel, twice
+    assert cpu.count("stablehlo.multiply") >= 2 * 9 * 4
+
+
+def test_pointwise_convolution_is_a_dot_on_cpu_only():
+    # an unpadded 1x1 convolution and both its gradients: dots on CPU, XLA's convolutions
+    # lowered for a GPU; a padded 1x1 convolution stays a convolution everywhere
+    x = jnp.zeros((2, 9, 9, 16))
+    pointwise = layers.Conv2d(24, 1, stride=2, use_bias=False)
+    cuda, cpu = _lowered_gradient(pointwise, x, "cuda"), _lowered_gradient(pointwise, x, "cpu")
+    assert cuda.count("stablehlo.convolution") == 3 and "stablehlo.dot_general" not in cuda
+    assert "stablehlo.convolution" not in cpu and cpu.count("stablehlo.dot_general") == 3
+    padded = _lowered_gradient(layers.Conv2d(24, 1, padding=1, use_bias=False), x, "cpu")
+    assert padded.count("stablehlo.convolution") == 3
 
 
 def test_batch_norm_train_gradient_includes_the_statistics_outputs():
