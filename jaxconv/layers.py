@@ -403,6 +403,12 @@ class Linear(nn.Module):
         return int(np.prod(in_shape[1:])) * self.features
 
 
+def _batch_norm_affine(scale, bias, mean, var, eps):
+    """BatchNorm as one multiply-add: ``(alpha, beta)`` with ``y = x * alpha + beta``."""
+    alpha = scale * lax.rsqrt(var + eps)
+    return alpha, bias - mean * alpha
+
+
 def _sum_rows(rows):
     """Column sums of a 2-d array as a matrix-vector product with ones (see batch_norm_train)."""
     ones = jnp.ones((rows.shape[0],), rows.dtype)
@@ -421,9 +427,8 @@ def _batch_norm_train_forward(x, scale, bias, eps):
     mean = _sum_rows(rows) / count
     centred = rows - mean
     var = _sum_rows(jnp.square(centred)) / count       # two-pass, biased
-    rstd = lax.rsqrt(var + eps)
-    y = rows * (scale * rstd) + (bias - mean * scale * rstd)
-    return y.reshape(x.shape), mean, var, rstd
+    alpha, beta = _batch_norm_affine(scale, bias, mean, var, eps)
+    return (rows * alpha + beta).reshape(x.shape), mean, var, lax.rsqrt(var + eps)
 
 
 def _batch_norm_train_fwd(x, scale, bias, eps):
@@ -460,8 +465,8 @@ def batch_norm_train(x, scale, bias, eps):
         axes = tuple(range(x.ndim - 1))
         mean = jnp.mean(x, axes)
         var = jnp.mean(jnp.square(x - mean), axes)
-        alpha = scale * lax.rsqrt(var + eps)
-        return x * alpha + (bias - mean * alpha), mean, var
+        alpha, beta = _batch_norm_affine(scale, bias, mean, var, eps)
+        return x * alpha + beta, mean, var
 
     return lax.platform_dependent(x, scale, bias, cpu=lambda *a: _batch_norm_train_cpu(*a, eps),
                                   default=by_reduction)
@@ -520,8 +525,7 @@ class BatchNorm2d(nn.Module):
             return y.astype(self.dtype)
         mean = running_mean.value.astype(stat_dtype)
         var = running_var.value.astype(stat_dtype)
-        alpha = scale.astype(stat_dtype) * lax.rsqrt(var + self.eps)
-        beta = bias.astype(stat_dtype) - mean * alpha
+        alpha, beta = _batch_norm_affine(scale.astype(stat_dtype), bias.astype(stat_dtype), mean, var, self.eps)
         return x.astype(self.dtype) * alpha.astype(self.dtype) + beta.astype(self.dtype)
 
     def torch_repr(self, in_shape) -> str:
