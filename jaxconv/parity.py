@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -84,11 +83,15 @@ def randomize(torch_model, seed: int = 0) -> None:
                 module.bias.copy_((torch.rand(module.bias.shape, generator=gen) - 0.5) * 0.2)
 
 
-def _draws_random_numbers(module) -> bool:
-    """Dropout of any kind and torchvision's StochasticDepth: train-mode modules that
-    draw from torch's global random state."""
+def _switch_off_randomness(torch_model) -> None:
+    """Dropout of any kind and torchvision's StochasticDepth to eval mode (the identity):
+    in train mode they draw from torch's global random state."""
+    import torchvision
+
     torch = _torch()
-    return isinstance(module, torch.nn.modules.dropout._DropoutNd) or type(module).__name__ == "StochasticDepth"
+    for m in torch_model.modules():
+        if isinstance(m, (torch.nn.modules.dropout._DropoutNd, torchvision.ops.StochasticDepth)):
+            m.eval()
 
 
 def calibrate_batchnorm(torch_model, input_shape_nchw: tuple[int, ...], passes: int = 3,
@@ -109,9 +112,7 @@ def calibrate_batchnorm(torch_model, input_shape_nchw: tuple[int, ...], passes: 
     # Dropout and stochastic depth off: the statistics are those of the network that eval
     # runs, and they do not depend on torch's global random state (which the tests that
     # ran before in the same process would decide).
-    for m in torch_model.modules():
-        if _draws_random_numbers(m):
-            m.eval()
+    _switch_off_randomness(torch_model)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(passes):
@@ -304,11 +305,14 @@ def check_eval(name: str, torch_model, size, batch: int = 2, seed: int = 0,
 
 
 def _without_dropout(name: str, overrides: dict | None) -> dict:
+    """``overrides`` with dropout and stochastic depth at 0 where the model has them."""
     from jaxconv.registry import _options
 
     overrides = dict(overrides or {})
-    if "dropout" in _options(model_info(name).build):
-        overrides.setdefault("dropout", 0.0)
+    options = _options(model_info(name).build)
+    for option in ("dropout", "stochastic_depth_prob"):
+        if option in options:
+            overrides.setdefault(option, 0.0)
     return overrides
 
 
@@ -326,12 +330,12 @@ def _grad_errors(grads, expected) -> dict[str, float]:
 
 
 def check_train(name: str, torch_model, size: tuple[int, int], batch: int = 4, seed: int = 0,
-                overrides: dict | None = None, disable: Callable[[Any], None] | None = None,
-                grads: bool = False) -> dict[str, float]:
+                overrides: dict | None = None, grads: bool = False) -> dict[str, float]:
     """Train-mode parity in float64: one forward pass in train mode on the same batch.
 
-    Dropout is switched off on both sides (``dropout=0.0`` on the jaxconv model, p=0 on
-    torch's Dropout modules; ``disable`` may switch off more, e.g. stochastic depth).
+    Dropout and stochastic depth are switched off on both sides (``dropout=0.0`` and
+    ``stochastic_depth_prob=0.0`` on the jaxconv model where it has them; torch's modules
+    in eval mode).
     Returns errors for the logits (and auxiliary outputs, as ``aux_i``) and the worst
     relative error over the updated running statistics (``running_stats``). With
     ``grads=True`` the same compiled program also differentiates the cross-entropy of
@@ -342,11 +346,6 @@ def check_train(name: str, torch_model, size: tuple[int, int], batch: int = 4, s
     info = model_info(name)
     overrides = _without_dropout(name, overrides)
     reference = copy.deepcopy(torch_model).double()
-    for m in reference.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    if disable is not None:
-        disable(reference)
     channels = overrides.get("in_channels", info.input_size[2])
     rng = np.random.default_rng(seed + 11)
     x = rng.standard_normal((batch, *size, channels))
@@ -354,6 +353,7 @@ def check_train(name: str, torch_model, size: tuple[int, int], batch: int = 4, s
     labels = rng.integers(0, num_classes or info.num_classes, batch)
     before = _state_dict(reference)
     reference.train()
+    _switch_off_randomness(reference)
     with torch.set_grad_enabled(grads):
         ref_out = reference(torch.from_numpy(_to_nchw(x)))
         if grads:
