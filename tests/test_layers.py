@@ -227,6 +227,47 @@ def test_pointwise_convolution_is_a_dot_on_cpu_only():
     assert padded.count("stablehlo.convolution") == 3
 
 
+def _batch_norm_train_gradient(x):
+    bn = layers.BatchNorm2d()
+    variables = bn.init(jax.random.key(0), x)
+
+    def loss(params, a):
+        y, _ = bn.apply({**variables, "params": params}, a, train=True, mutable=["batch_stats"])
+        return jnp.sum(y ** 3)
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).trace(variables["params"], x)
+
+
+def test_batch_norm_train_sums_are_dots_on_cpu_only():
+    # the two statistics and the gradient's two per-channel sums: matrix-vector products
+    # with ones on CPU, reductions lowered for a GPU
+    traced = _batch_norm_train_gradient(jnp.zeros((2, 5, 5, 8)))
+    cpu, cuda = (traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
+    assert cpu.count("stablehlo.dot_general") == 4
+    assert "stablehlo.dot_general" not in cuda and cuda.count("stablehlo.reduce") >= 4
+
+
+def test_batch_norm_train_gradient_has_only_the_sums_platform_dependent():
+    # differentiating a platform-dependent conditional linearises and transposes both of
+    # its branches, which made tracing ResNet-50's train step take seconds; so the only
+    # conditionals in BatchNorm's gradient are the four column sums, one operation a branch
+    jaxpr = _batch_norm_train_gradient(jnp.zeros((2, 5, 5, 8))).jaxpr
+
+    def conds(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "cond":
+                yield eqn
+                continue
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)    # ClosedJaxpr -> Jaxpr
+                    if hasattr(sub, "eqns"):
+                        yield from conds(sub)
+    found = list(conds(jaxpr.jaxpr))
+    assert len(found) == 4
+    for eqn in found:
+        assert all(len(branch.jaxpr.eqns) <= 2 for branch in eqn.params["branches"])
+
+
 def test_batch_norm_train_gradient_includes_the_statistics_outputs():
     # batch_norm_train's CPU path has a hand-written gradient; it must also carry cotangents
     # that reach the batch mean and variance (a loss on the running statistics), checked
