@@ -54,6 +54,44 @@ def test_max_pool_gradient_matches_torch_with_ties(size, k, s, p, ceil_mode):
     np.testing.assert_array_equal(grad, xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
+def test_max_pool_gradient_never_goes_to_padding():
+    # windows whose only values are -inf: torch sends the gradient to the window's first
+    # element inside the input, never to the padding (which is also -inf)
+    x = rand(1, 6, 7, 2)
+    x[0, :3, :3] = -np.inf
+    layer = layers.MaxPool2d(3, 2, 1, ceil_mode=True)
+    y, vjp = jax.vjp(lambda v: layer.apply({}, v), jnp.asarray(x, jnp.float32))
+    g = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float().requires_grad_()
+    torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)(xt).backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("k,s,p,ceil_mode", [(3, 2, 1, False), (2, 2, 0, False), (3, 2, 0, True)])
+def test_max_pool_forward_mode_takes_the_tangent_at_torchs_argmax(k, s, p, ceil_mode):
+    # jax.jvp works through the pool: the output tangent is the input tangent at the
+    # maximum that torch's return_indices names (ties included)
+    x = np.random.default_rng(2).integers(-2, 3, size=(2, 9, 11, 3)).astype(np.float32)
+    dx = rand(2, 9, 11, 3).astype(np.float32)
+    layer = layers.MaxPool2d(k, s, p, ceil_mode=ceil_mode)
+    _, dy = jax.jvp(lambda v: layer.apply({}, v), (jnp.asarray(x),), (jnp.asarray(dx),))
+    _, index = torch.nn.functional.max_pool2d(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), k, s, p,
+                                              ceil_mode=ceil_mode, return_indices=True)
+    flat = dx.transpose(0, 3, 1, 2).reshape(2, 3, -1)
+    expected = np.take_along_axis(flat, index.numpy().reshape(2, 3, -1), axis=2).reshape(index.shape)
+    np.testing.assert_array_equal(np.asarray(dy), expected.transpose(0, 2, 3, 1))
+
+
+def test_max_pool_gradient_is_select_and_scatter_off_cpu_only():
+    # XLA:CPU's select-and-scatter is slow; the CPU gradient is the taps' selects and pads
+    pool = layers.MaxPool2d(3, 2, 1)
+    x = jnp.zeros((2, 9, 9, 4))
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(pool.apply({}, a) ** 2))).trace(x)
+    cpu, cuda = (grad.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
+    assert "select_and_scatter" in cuda
+    assert "select_and_scatter" not in cpu and "reduce_window" in cpu
+
+
 def test_ceil_mode_changes_the_output_size():
     # 112 -> 55 with floor, 56 with ceil (GoogLeNet's first pool): a port without
     # ceil_mode gets the shape wrong.
