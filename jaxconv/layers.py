@@ -595,7 +595,7 @@ def max_pool(x, window, strides, padding):
     The gradient goes to the first maximum of each window in row-major order, as torch's
     does. XLA's own gradient of a max pool (select-and-scatter) already does so, but
     XLA:CPU expands it into int32 index maps of the padded input and a five-output
-    reduce-window, at 2-10 times torch's time; on CPU floating-point pools therefore take
+    reduce-window, at 2-4 times torch's time; on CPU floating-point pools therefore take
     :func:`_max_pool_by_taps`. Elsewhere it is XLA's reduce-window and its own gradient."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         return _reduce_window_max(x, window, strides, padding)
