@@ -631,18 +631,24 @@ def _max_pool_by_taps_jvp(window, strides, padding, primals, tangents):
     x_taps, (oh, ow) = _conv_taps(x, kh, kw, strides, padding, (1, 1))
     rows = [np.arange(oh) * sh + i - padding[0][0] for i in range(kh)]
     cols = [np.arange(ow) * sw + j - padding[1][0] for j in range(kw)]
-    is_max = []
+    # Which tap each window's gradient goes to, as torch decides: the first tap equal to the
+    # maximum, or, where the maximum is NaN, the last NaN tap. Scores: 1 for a tap equal to
+    # the maximum, 2 + t for a NaN tap t, 0 otherwise (and for padding); the first tap of
+    # highest score wins.
+    index_dtype = jnp.int8 if kh * kw + 2 < 128 else jnp.int32
+    scores = []
     for t in range(kh * kw):
-        m = x_taps[t] == y
+        score = jnp.where(jnp.isnan(x_taps[t]), jnp.asarray(2 + t, index_dtype),
+                          (x_taps[t] == y).astype(index_dtype))
         inside_h = (rows[t // kw] >= 0) & (rows[t // kw] < h)
         inside_w = (cols[t % kw] >= 0) & (cols[t % kw] < w)
         if not (inside_h.all() and inside_w.all()):     # a tap that meets padding for some windows
-            m = m & (inside_h[:, None] & inside_w[None, :])[None, :, :, None]
-        is_max.append(m)
-    # the first maximal tap of each window, materialised by the reduction (as a chain of
-    # selects XLA fuses it into its consumer, which recomputes it for every tap it reads)
-    index_dtype = jnp.int8 if kh * kw < 128 else jnp.int32
-    first = jnp.argmax(jnp.stack(is_max), axis=0).astype(index_dtype)
+            score = jnp.where((inside_h[:, None] & inside_w[None, :])[None, :, :, None], score,
+                              jnp.zeros((), index_dtype))
+        scores.append(score)
+    # materialised by the reduction (as a chain of selects XLA fuses it into its consumer,
+    # which recomputes it for every tap it reads)
+    first = jnp.argmax(jnp.stack(scores), axis=0).astype(index_dtype)
     # The tangent in phases: padded row r = sh * u + p is phases[:, u, p], and likewise for
     # columns, so tap (i, j) = (sh * a + p, sw * b + q) of window (o, o') is phases[:, o + a, p,
     # o' + b, q]. One contiguous slice per shift (a, b) serves every tap with that shift;

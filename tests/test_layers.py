@@ -67,6 +67,23 @@ def test_max_pool_gradient_never_goes_to_padding():
     np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
+def test_max_pool_gradient_goes_to_the_last_nan_as_torchs():
+    # a window whose maximum is NaN: torch's output is NaN and its gradient goes to the
+    # window's last NaN
+    x = rand(2, 7, 9, 3)
+    x[0, 1, 1:4] = np.nan
+    x[1, 4:6, 2, 1] = np.nan
+    x[1, 0, 0, 2] = np.nan
+    layer = layers.MaxPool2d(3, 2, 1)
+    y, vjp = jax.vjp(lambda v: layer.apply({}, v), jnp.asarray(x, jnp.float32))
+    g = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float().requires_grad_()
+    yt = torch.nn.MaxPool2d(3, 2, 1)(xt)
+    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
 @pytest.mark.parametrize("k,s,p,ceil_mode", [(3, 2, 1, False), (2, 2, 0, False), (3, 2, 0, True)])
 def test_max_pool_forward_mode_takes_the_tangent_at_torchs_argmax(k, s, p, ceil_mode):
     # jax.jvp works through the pool: the output tangent is the input tangent at the
