@@ -225,6 +225,7 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
     (8, 8, 8, 3, 1, 3, 1), (12, 12, 4, (3, 1), (2, 1), (1, 0), 1),  # padding beyond the kernel; 3x1
     (16, 24, 1, 1, 1, 0, 1), (16, 24, 1, 1, 2, 0, 1), (16, 24, 1, 1, (2, 3), 0, 1),  # 1x1: a dot
     (16, 24, 1, 1, 1, 1, 1),                               # padded 1x1: XLA's convolution
+    (16, 24, 1, 3, 1, 1, 1), (16, 24, 1, 3, 2, 1, 1), (3, 8, 1, 7, 2, 3, 1), (8, 8, 1, 3, 1, 2, 2),  # dense
 ])
 def test_cpu_convolution_paths_and_their_gradients_match_torch_in_float32(cin, cout, groups, k, s, p, d):
     # float32 grouped, depthwise and one-input-channel convolutions take layers.convolve's
@@ -280,6 +281,33 @@ def test_pointwise_convolution_is_a_dot_on_cpu_only():
     assert "stablehlo.convolution" not in cpu and cpu.count("stablehlo.dot_general") == 3
     padded = _lowered_gradient(layers.Conv2d(24, 1, padding=1, use_bias=False), x, "cpu")
     assert padded.count("stablehlo.convolution") == 3
+
+
+def test_dense_convolution_kernel_gradient_reads_a_held_input_on_cpu():
+    # the kernel term of a dense convolution's JVP reads its input through a conditional
+    # (XLA cannot fuse the input's producer into the gradient's transposed copy): there when
+    # the kernel is differentiated, absent when only the input is; and a tangent that is
+    # symbolically zero costs no convolution (forward, and one gradient: two in all)
+    conv = layers.Conv2d(8, 3, padding=1, use_bias=False)
+    x = jnp.zeros((2, 9, 9, 4))
+    variables = conv.init(jax.random.key(0), x)
+    for argnums, held, convolutions in [((0, 1), 1, 3), ((0,), 1, 2), ((1,), 0, 2)]:
+        loss = jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=argnums)
+        hlo = jax.jit(loss).lower(variables, x).compile().as_text()
+        assert (hlo.count("conditional("), hlo.count("convolution(")) == (held, convolutions), argnums
+
+
+def test_dense_convolution_forward_mode_is_xlas():
+    # jax.jvp through the held kernel term: the same numbers as XLA's own convolution's JVP
+    rng = np.random.default_rng(3)
+    x, x_dot = (jnp.asarray(rng.standard_normal((2, 11, 10, 5)), jnp.float32) for _ in range(2))
+    k, k_dot = (jnp.asarray(rng.standard_normal((3, 3, 5, 7)), jnp.float32) for _ in range(2))
+    pads = ((1, 2), (0, 1))
+    ours = jax.jit(lambda *a: jax.jvp(lambda x, k: layers.convolve(x, k, (2, 1), pads), a[:2], a[2:]))
+    xlas = jax.jit(lambda *a: jax.jvp(lambda x, k: layers._xla_conv(x, k, (2, 1), pads, (1, 1)), a[:2], a[2:]))
+    (y, y_dot), (y_ref, y_dot_ref) = ours(x, k, x_dot, k_dot), xlas(x, k, x_dot, k_dot)
+    assert rel_err(np.asarray(y), np.asarray(y_ref)) < 1e-6
+    assert rel_err(np.asarray(y_dot), np.asarray(y_dot_ref)) < 1e-6
 
 
 def _batch_norm_train_gradient(x):
