@@ -204,9 +204,10 @@ def _dense_conv(x, kernel, stride, padding, dilation):
     -- a BatchNorm's affine, a ReLU, a residual sum: up to 15 operands -- into that copy and
     recomputes it in transposed order, at up to 15 times the copy's own time (DenseNet-121's
     train step at batch 16 spent 0.56 s in these copies). Held, the copy reads the input as
-    it was written: DenseNet-121's step 3-13% shorter (four runs), ResNet-18's and GoogLeNet's within
-    the host's noise (see BENCHMARKS.md). Forward mode works through it; a tangent that is
-    symbolically zero (an input or kernel not differentiated) costs no convolution."""
+    it was written: DenseNet-121's step 3-13% shorter (four runs), ResNet-18's and
+    GoogLeNet's within the host's noise (see BENCHMARKS.md). Forward mode works through it;
+    a tangent that is symbolically zero (an input or kernel not differentiated) costs no
+    convolution."""
     return _xla_conv(x, kernel, stride, padding, dilation)
 
 
