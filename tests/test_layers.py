@@ -225,11 +225,13 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
     (8, 8, 8, 3, 1, 3, 1), (12, 12, 4, (3, 1), (2, 1), (1, 0), 1),  # padding beyond the kernel; 3x1
     (16, 24, 1, 1, 1, 0, 1), (16, 24, 1, 1, 2, 0, 1), (16, 24, 1, 1, (2, 3), 0, 1),  # 1x1: a dot
     (16, 24, 1, 1, 1, 1, 1),                               # padded 1x1: XLA's convolution
-    (16, 24, 1, 3, 1, 1, 1), (16, 24, 1, 3, 2, 1, 1), (3, 8, 1, 7, 2, 3, 1), (8, 8, 1, 3, 1, 2, 2),  # dense
+    (16, 24, 1, 3, 1, 1, 1), (16, 24, 1, 3, 2, 1, 1), (3, 8, 1, 7, 2, 3, 1),  # dense
+    (8, 8, 1, 3, 1, 2, 2), (6, 16, 1, 5, 1, 0, 1), (3, 5, 1, (5, 3), 1, (2, 0), 1),  # dense, im2col input gradient
 ])
 def test_cpu_convolution_paths_and_their_gradients_match_torch_in_float32(cin, cout, groups, k, s, p, d):
     # float32 grouped, depthwise and one-input-channel convolutions take layers.convolve's
-    # CPU path (_grouped_conv: tap sums and a custom gradient), unpadded 1x1 ones a dot
+    # CPU path (_grouped_conv: tap sums and a custom gradient), unpadded 1x1 ones a dot;
+    # dense stride-1 ones with at most 8 input channels take the input's gradient from im2col
     rng = np.random.default_rng(cin + cout + groups)
     x = rng.standard_normal((3, 17, 20, cin)).astype(np.float32)
     conv = layers.Conv2d(cout, k, stride=s, padding=p, dilation=d, groups=groups)
@@ -289,7 +291,7 @@ def test_dense_convolution_kernel_gradient_reads_a_held_input_on_cpu():
     # the kernel is differentiated, absent when only the input is; and a tangent that is
     # symbolically zero costs no convolution (forward, and one gradient: two in all)
     conv = layers.Conv2d(8, 3, padding=1, use_bias=False)
-    x = jnp.zeros((2, 9, 9, 4))
+    x = jnp.zeros((2, 9, 9, 16))     # more input channels than the im2col input gradient takes
     variables = conv.init(jax.random.key(0), x)
     for argnums, held, convolutions in [((0, 1), 1, 3), ((0,), 1, 2), ((1,), 0, 2)]:
         loss = jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=argnums)
@@ -297,17 +299,33 @@ def test_dense_convolution_kernel_gradient_reads_a_held_input_on_cpu():
         assert (hlo.count("conditional("), hlo.count("convolution(")) == (held, convolutions), argnums
 
 
-def test_dense_convolution_forward_mode_is_xlas():
+@pytest.mark.parametrize("stride", [(2, 1), (1, 1)])   # (1, 1): the im2col input term
+def test_dense_convolution_forward_mode_is_xlas(stride):
     # jax.jvp through the held kernel term: the same numbers as XLA's own convolution's JVP
     rng = np.random.default_rng(3)
     x, x_dot = (jnp.asarray(rng.standard_normal((2, 11, 10, 5)), jnp.float32) for _ in range(2))
     k, k_dot = (jnp.asarray(rng.standard_normal((3, 3, 5, 7)), jnp.float32) for _ in range(2))
     pads = ((1, 2), (0, 1))
-    ours = jax.jit(lambda *a: jax.jvp(lambda x, k: layers.convolve(x, k, (2, 1), pads), a[:2], a[2:]))
-    xlas = jax.jit(lambda *a: jax.jvp(lambda x, k: layers._xla_conv(x, k, (2, 1), pads, (1, 1)), a[:2], a[2:]))
+    ours = jax.jit(lambda *a: jax.jvp(lambda x, k: layers.convolve(x, k, stride, pads), a[:2], a[2:]))
+    xlas = jax.jit(lambda *a: jax.jvp(lambda x, k: layers._xla_conv(x, k, stride, pads, (1, 1)), a[:2], a[2:]))
     (y, y_dot), (y_ref, y_dot_ref) = ours(x, k, x_dot, k_dot), xlas(x, k, x_dot, k_dot)
     assert rel_err(np.asarray(y), np.asarray(y_ref)) < 1e-6
     assert rel_err(np.asarray(y_dot), np.asarray(y_dot_ref)) < 1e-6
+
+
+@pytest.mark.parametrize("cin,stride,platform,convolutions,dots", [
+    (6, 1, "cpu", 1, 1),      # the input's gradient: a GEMM to 5 x 5 x 6 columns, no convolution
+    (6, 1, "cuda", 2, 0),     # XLA's convolution off CPU
+    (6, 2, "cpu", 2, 0),      # strided: XLA's
+    (16, 1, "cpu", 2, 0),     # more than IM2COL_MAX_INPUT_CHANNELS: XLA's
+])
+def test_few_channel_convolution_input_gradient_is_a_dot_on_cpu_only(cin, stride, platform, convolutions, dots):
+    conv = layers.Conv2d(16, 5, stride=stride, use_bias=False)
+    x = jnp.zeros((2, 12, 12, cin))
+    variables = conv.init(jax.random.key(0), x)
+    input_gradient = jax.grad(lambda a: jnp.sum(conv.apply(variables, a) ** 2))
+    text = jax.jit(input_gradient).trace(x).lower(lowering_platforms=(platform,)).as_text()
+    assert (text.count("stablehlo.convolution"), text.count("stablehlo.dot_general")) == (convolutions, dots)
 
 
 def _batch_norm_train_gradient(x):
