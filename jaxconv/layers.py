@@ -187,24 +187,12 @@ def _held(a, predicate):
     return lax.cond(predicate, lambda v: v, lambda v: -(-v), a)
 
 
-def _held_on_cpu(a, predicate):
-    return lax.platform_dependent(a, predicate, cpu=_held, default=lambda v, p: v)
-
-
 @partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _dense_conv(x, kernel, stride, padding, dilation):
-    """XLA's float32 convolution, with a JVP whose kernel term reads the input through
-    :func:`_held` on CPU.
-
-    Reverse mode transposes that term into the kernel's gradient, which XLA:CPU computes
-    from a transposed copy of the input (batch as channels). XLA fuses the input's producer
-    -- a BatchNorm's affine, a ReLU, a residual sum: up to 15 operands -- into that copy and
-    recomputes it in transposed order, at up to 15 times the copy's own time (DenseNet-121's
-    train step at batch 16 spent 0.56 s in these copies). Held, the copy reads the input as
-    it was written: DenseNet-121's step 3-13% shorter (four runs), ResNet-18's and
-    GoogLeNet's within the host's noise (see BENCHMARKS.md). Forward mode works through it;
-    a tangent that is symbolically zero (an input or kernel not differentiated) costs no
-    convolution."""
+    """XLA's float32 convolution, with a JVP whose two terms are written for XLA:CPU's
+    reverse mode (:func:`_input_term`, :func:`_kernel_term`); on other platforms they are
+    XLA's convolution as it is. Forward mode works through it; a tangent that is
+    symbolically zero (an input or kernel not differentiated) costs no convolution."""
     return _xla_conv(x, kernel, stride, padding, dilation)
 
 
@@ -212,14 +200,46 @@ def _dense_conv(x, kernel, stride, padding, dilation):
 def _dense_conv_jvp(stride, padding, dilation, primals, tangents):
     (x, kernel), (x_dot, kernel_dot) = primals, tangents
     y = _xla_conv(x, kernel, stride, padding, dilation)
-    predicate = jnp.isfinite(kernel[0, 0, 0, 0])
     terms = []
     if not isinstance(x_dot, SymbolicZero):
         terms.append(_input_term(x_dot, kernel, stride, padding, dilation))
     if not isinstance(kernel_dot, SymbolicZero):
-        terms.append(_xla_conv(_held_on_cpu(x, predicate), kernel_dot, stride, padding, dilation))
+        terms.append(_kernel_term(x, kernel_dot, jnp.isfinite(kernel[0, 0, 0, 0]), stride, padding, dilation))
     y_dot = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     return y, y_dot
+
+
+# The transposes of the JVP's terms are the gradients. XLA:CPU runs a convolution fast only
+# in one dimension order: input (batch, h, w, in), kernel (h, w, in, out), output (batch, h,
+# w, out). It puts any other order into that one with transposed copies in a program's
+# entry computation, but not inside the body of a loop or a conditional, where it runs a
+# slow generic kernel instead: ResNet-18's train step (batch 8) as the body of a
+# `lax.scan` took 18.8 s against 0.58 s as a plain jitted step. Autodiff's transposes of
+# a plain NHWC/HWIO convolution are in other orders (the kernel gradient contracts over
+# batch, the input gradient reads the kernel with in and out swapped). So each term
+# below lays its operands out -- with explicit transposes -- such that its transpose is a
+# convolution in XLA:CPU's order.
+
+def _kernel_term(x, kernel_dot, predicate, stride, padding, dilation):
+    """The kernel term: on CPU, the input is read through :func:`_held` (``predicate``, a
+    scalar of the primal kernel, decides nothing) and as (in, h, w,
+    batch), the kernel tangent as (in, h, w, out), the output as (h, w, batch, out), so
+    that the kernel's gradient is a convolution of the input (channels as batch) with the
+    output gradient (batch as input channels).
+
+    Held, the input is read as it was written: XLA otherwise fuses its producer -- a
+    BatchNorm's affine, a ReLU, a residual sum: up to 15 operands -- into the gradient's
+    transposed copy of it and recomputes it in transposed order, at up to 15 times the
+    copy's own time (DenseNet-121's train step at batch 16 spent 0.56 s in these copies;
+    held: 3-13% shorter in four runs, ResNet-18's and GoogLeNet's within the host's noise;
+    see BENCHMARKS.md)."""
+    def cpu(a, k_dot, predicate):
+        y = lax.conv_general_dilated(_held(a, predicate).transpose(3, 1, 2, 0), k_dot.transpose(2, 0, 1, 3),
+                                     window_strides=stride, padding=padding, rhs_dilation=dilation,
+                                     dimension_numbers=("CHWN", "IHWO", "HWNC"))
+        return y.transpose(2, 0, 1, 3)
+    return lax.platform_dependent(x, kernel_dot, predicate, cpu=cpu,
+                                  default=lambda a, k_dot, p: _xla_conv(a, k_dot, stride, padding, dilation))
 
 
 # A dense float32 stride-1 convolution with at most this many input channels takes its
@@ -228,20 +248,23 @@ IM2COL_MAX_INPUT_CHANNELS = 8
 
 
 def _input_term(x_dot, kernel, stride, padding, dilation):
-    """The JVP's input term. On CPU, for a stride-1 kernel with few input channels, it is
-    the im2col form (:func:`_im2col_conv`), whose transpose -- the input's gradient -- is
-    one matrix product to kh x kw x cin columns and a sum of the kh x kw shifted column
-    blocks. XLA:CPU's own input gradient is a convolution with cin output channels, slow
-    for small cin. Input gradient alone, XLA's / this (2 cores): LeNet5's conv2 (6 -> 16,
-    5x5, batch 256) 4.7 / 2.3 ms (torch 1.8); 3 -> 64 3x3 at 224x224, batch 16, 134 / 60
-    ms; 8 -> 32 3x3 at 56x56, batch 32, 8.3 / 6.7 ms. With 16 input channels XLA's is 2x
-    faster; with a stride, each tap's block is spread over the input's size, and XLA's wins
-    (AlexNet's 11x11 stride 4: 78 / 152 ms)."""
-    if kernel.shape[2] > IM2COL_MAX_INPUT_CHANNELS or stride != (1, 1):
-        return _xla_conv(x_dot, kernel, stride, padding, dilation)
-    return lax.platform_dependent(
-        x_dot, kernel, cpu=lambda a, k: _im2col_conv(a, k, stride, padding, dilation),
-        default=lambda a, k: _xla_conv(a, k, stride, padding, dilation))
+    """The input term. On CPU it reads the kernel as (h, w, out, in), so that the input's
+    gradient is a convolution with an (h, w, in, out) kernel; and for a stride-1 kernel with
+    few input channels, it is the im2col form (:func:`_im2col_conv`), whose transpose is one
+    matrix product to kh x kw x cin columns and a sum of the kh x kw shifted column blocks.
+    XLA:CPU's input gradient is a convolution with cin output channels, slow for small cin.
+    Input gradient alone, XLA's / im2col (2 cores): LeNet5's conv2 (6 -> 16, 5x5, batch
+    256) 4.7 / 2.3 ms (torch 1.8); 3 -> 64 3x3 at 224x224, batch 16, 134 / 60 ms; 8 -> 32
+    3x3 at 56x56, batch 32, 8.3 / 6.7 ms. With 16 input channels XLA's is 2x faster; with a
+    stride, each tap's block is spread over the input's size, and XLA's wins (AlexNet's
+    11x11 stride 4: 78 / 152 ms)."""
+    def cpu(a, k):
+        if k.shape[2] <= IM2COL_MAX_INPUT_CHANNELS and stride == (1, 1):
+            return _im2col_conv(a, k, stride, padding, dilation)
+        return lax.conv_general_dilated(a, k.transpose(0, 1, 3, 2), window_strides=stride, padding=padding,
+                                        rhs_dilation=dilation, dimension_numbers=("NHWC", "HWOI", "NHWC"))
+    return lax.platform_dependent(x_dot, kernel, cpu=cpu,
+                                  default=lambda a, k: _xla_conv(a, k, stride, padding, dilation))
 
 
 def _im2col_conv(x, kernel, stride, padding, dilation, groups=1):

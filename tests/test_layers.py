@@ -1,6 +1,9 @@
 """Each torch-compatibility layer against torch's own module, in float64."""
+import re
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 import torch
@@ -297,6 +300,24 @@ def test_dense_convolution_kernel_gradient_reads_a_held_input_on_cpu():
         loss = jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=argnums)
         hlo = jax.jit(loss).lower(variables, x).compile().as_text()
         assert (hlo.count("conditional("), hlo.count("convolution(")) == (held, convolutions), argnums
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])   # (2, 2): the input gradient is a convolution
+def test_dense_convolution_gradients_are_in_xla_cpus_order_inside_a_loop(stride):
+    # XLA:CPU puts a convolution into its fast order -- input (batch, h, w, in), kernel (h, w,
+    # in, out) -- only in a program's entry computation; inside a loop's body it ran
+    # autodiff's order with a slow generic kernel (ResNet-18's step in a lax.scan: 30x). The
+    # gradients are written in that order themselves, so in a loop every one has it.
+    conv = layers.Conv2d(8, 3, stride=stride, padding=1)
+    variables = conv.init(jax.random.key(0), jnp.zeros((2, 9, 9, 16)))
+    grad = jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=(0, 1))
+
+    def loop(v, xs):
+        return lax.scan(lambda carry, a: (carry, grad(v, a)), 0, xs)[1]
+    hlo = jax.jit(loop).lower(variables, jnp.zeros((3, 2, 9, 9, 16))).compile().as_text()
+    assert "while(" in hlo
+    labels = re.findall(r"dim_labels=([^,\s]+)", hlo)
+    assert len(labels) == 3 and set(labels) == {"b01f_01io->b01f"}, labels
 
 
 @pytest.mark.parametrize("stride", [(2, 1), (1, 1)])   # (1, 1): the im2col input term
