@@ -474,10 +474,14 @@ def machine() -> dict:
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "jax_devices": str(jax.devices()), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    try:
+    try:    # the model name, and the vector extensions: oneDNN and XLA pick kernels by them
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["cpu_vector"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+                                              if f in flags) or "none of avx2/avx512"
                 break
     except OSError:
         pass
