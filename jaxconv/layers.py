@@ -151,9 +151,10 @@ def convolve(x, kernel, stride, padding, dilation=(1, 1), groups: int = 1):
     * float32 grouped and depthwise convolutions, and one input channel, on CPU: see
       :func:`_grouped_conv`; float32 unpadded 1x1 convolutions on CPU: a matrix product
       (:func:`_pointwise_dot`); other float32 convolutions: XLA's, with a JVP that holds the
-      input for the kernel's gradient on CPU (:func:`_dense_conv`) and, for stride 1 and at
-      most 8 input channels, takes the input's gradient from im2col (:func:`_input_term`).
-      On other platforms XLA's convolution runs as it is.
+      input for the kernel's gradient on CPU, writes both gradients in XLA:CPU's native
+      convolution order and, for stride 1 and at most 8 input channels, takes the input's
+      gradient from im2col (:func:`_dense_conv`). On other platforms XLA's convolution runs
+      as it is.
     """
     kh, kw, cin_group, cout = kernel.shape
     if isinstance(padding, str):
@@ -222,10 +223,10 @@ def _dense_conv_jvp(stride, padding, dilation, primals, tangents):
 
 def _kernel_term(x, kernel_dot, predicate, stride, padding, dilation):
     """The kernel term: on CPU, the input is read through :func:`_held` (``predicate``, a
-    scalar of the primal kernel, decides nothing) and as (in, h, w,
-    batch), the kernel tangent as (in, h, w, out), the output as (h, w, batch, out), so
-    that the kernel's gradient is a convolution of the input (channels as batch) with the
-    output gradient (batch as input channels).
+    scalar of the primal kernel, decides nothing) and as (in, h, w, batch), the kernel
+    tangent as (in, h, w, out), the output as (h, w, batch, out), so that the kernel's
+    gradient is a convolution of the input (channels as batch) with the output gradient
+    (batch as input channels).
 
     Held, the input is read as it was written: XLA otherwise fuses its producer -- a
     BatchNorm's affine, a ReLU, a residual sum: up to 15 operands -- into the gradient's
@@ -233,8 +234,8 @@ def _kernel_term(x, kernel_dot, predicate, stride, padding, dilation):
     copy's own time (DenseNet-121's train step at batch 16 spent 0.56 s in these copies;
     held: 3-13% shorter in four runs, ResNet-18's and GoogLeNet's within the host's noise;
     see BENCHMARKS.md)."""
-    def cpu(a, k_dot, predicate):
-        y = lax.conv_general_dilated(_held(a, predicate).transpose(3, 1, 2, 0), k_dot.transpose(2, 0, 1, 3),
+    def cpu(a, k_dot, p):
+        y = lax.conv_general_dilated(_held(a, p).transpose(3, 1, 2, 0), k_dot.transpose(2, 0, 1, 3),
                                      window_strides=stride, padding=padding, rhs_dilation=dilation,
                                      dimension_numbers=("CHWN", "IHWO", "HWNC"))
         return y.transpose(2, 0, 1, 3)
