@@ -320,6 +320,18 @@ def test_dense_convolution_gradients_are_in_xla_cpus_order_inside_a_loop(stride)
     assert len(labels) == 3 and set(labels) == {"b01f_01io->b01f"}, labels
 
 
+def test_dense_convolution_gradients_are_xlas_own_off_cpu():
+    # the transposed operands of the gradients' native order are for XLA:CPU only: lowered
+    # for a GPU, the forward and both gradients are XLA's convolutions without a transpose
+    conv = layers.Conv2d(8, 3, stride=2, padding=1)
+    x = jnp.zeros((2, 9, 9, 16))
+    variables = conv.init(jax.random.key(0), x)
+    grad = jax.jit(jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=(0, 1))).trace(variables, x)
+    cuda, cpu = (grad.lower(lowering_platforms=(p,)).as_text() for p in ("cuda", "cpu"))
+    assert cuda.count("stablehlo.convolution") == 3 and "stablehlo.transpose" not in cuda
+    assert cpu.count("stablehlo.convolution") == 3 and cpu.count("stablehlo.transpose") == 4
+
+
 @pytest.mark.parametrize("stride", [(2, 1), (1, 1)])   # (1, 1): the im2col input term
 def test_dense_convolution_forward_mode_is_xlas(stride):
     # jax.jvp through the held kernel term: the same numbers as XLA's own convolution's JVP
