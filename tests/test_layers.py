@@ -361,6 +361,20 @@ def test_few_channel_convolution_input_gradient_is_a_dot_on_cpu_only(cin, stride
     assert (text.count("stablehlo.convolution"), text.count("stablehlo.dot_general")) == (convolutions, dots)
 
 
+
+def test_few_channel_convolution_input_gradient_is_held_on_cpu():
+    # the im2col input gradient's sum of shifted column blocks goes through a conditional:
+    # without it XLA fused the sum into a consumer that reads each value several times (a
+    # 2x2 max pool's gradient: four times) and recomputed it for every read
+    conv = layers.Conv2d(16, 5, use_bias=False)
+    for cin, held in [(6, 1), (16, 0)]:     # 16: XLA's convolution, nothing held
+        x = jnp.zeros((2, 12, 12, cin))
+        variables = conv.init(jax.random.key(0), x)
+        input_gradient = jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=1)
+        hlo = jax.jit(input_gradient).lower(variables, x).compile().as_text()
+        assert hlo.count("conditional(") == held, cin
+
+
 def _batch_norm_train_gradient(x):
     bn = layers.BatchNorm2d()
     variables = bn.init(jax.random.key(0), x)
