@@ -726,7 +726,10 @@ def _max_pool_by_taps(x, window, strides, padding):
     transposition, and forward mode (``jax.jvp``) works as well. The tangent is read in
     phases (see the rule) so that the transposed gradient is a few unstrided pads.
     Gradient alone against select-and-scatter on XLA:CPU, batch 32: 3x3 stride 2 at
-    112x112x64 668 -> 310 ms (torch 276), 2x2 at 224x224x64 1827 -> 714 ms (torch 758)."""
+    112x112x64 668 -> 310 ms (torch 276), 2x2 at 224x224x64 1827 -> 714 ms (torch 758).
+    Where windows overlap (several shifts), the output's tangent leaves through
+    :func:`_held`, so that the gradient reaching the pool is computed once and not inside
+    each shift's pad (DenseNet-121's first pool: its six BatchNorm gradients, four times)."""
     return _reduce_window_max(x, window, strides, padding)
 
 
@@ -780,6 +783,8 @@ def _max_pool_by_taps_jvp(window, strides, padding, primals, tangents):
             taken = first == tap[None, None, :, None, :, None]
             part = jnp.where(taken, phases[:, a:a + oh, :, b:b + ow], jnp.zeros((), dx.dtype)).sum((2, 4))
             dy = part if dy is None else dy + part
+    if shifts_h * shifts_w > 1:
+        dy = _held(dy, jnp.isfinite(y[0, 0, 0, 0]))
     return y, dy
 
 

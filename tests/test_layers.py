@@ -112,6 +112,20 @@ def test_max_pool_gradient_is_select_and_scatter_off_cpu_only():
     assert "select_and_scatter" not in cpu and "reduce_window" in cpu
 
 
+
+@pytest.mark.parametrize("k,s,held", [(3, 2, 1), (2, 2, 0)])
+def test_overlapping_max_pool_gradient_reads_a_held_output_gradient_on_cpu(k, s, held):
+    # an overlapping pool's gradient is one pad per shift of its windows (4 for 3x3 stride
+    # 2), each reading the output's gradient; that gradient goes through a conditional so
+    # XLA computes it once, not once per shift (DenseNet-121: the first block's six
+    # BatchNorm gradients, four times over); a pool whose kernel is its stride has one
+    pool = layers.MaxPool2d(k, s)
+    grad = jax.grad(lambda a, b: jnp.sum(pool.apply({}, a) * jnp.tanh(b)), argnums=0)
+    x = jnp.zeros((2, 9, 9, 4))
+    hlo = jax.jit(grad).lower(x, jnp.zeros((2, 4, 4, 4))).compile().as_text()
+    assert hlo.count("conditional(") == held
+
+
 def test_ceil_mode_changes_the_output_size():
     # 112 -> 55 with floor, 56 with ceil (GoogLeNet's first pool): a port without
     # ceil_mode gets the shape wrong.
