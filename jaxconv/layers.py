@@ -783,7 +783,7 @@ def _max_pool_by_taps_jvp(window, strides, padding, primals, tangents):
             taken = first == tap[None, None, :, None, :, None]
             part = jnp.where(taken, phases[:, a:a + oh, :, b:b + ow], jnp.zeros((), dx.dtype)).sum((2, 4))
             dy = part if dy is None else dy + part
-    if shifts_h * shifts_w > 1:
+    if shifts_h * shifts_w > 1 and y.size:
         dy = _held(dy, jnp.isfinite(y[0, 0, 0, 0]))
     return y, dy
 

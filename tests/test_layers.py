@@ -112,7 +112,6 @@ def test_max_pool_gradient_is_select_and_scatter_off_cpu_only():
     assert "select_and_scatter" not in cpu and "reduce_window" in cpu
 
 
-
 @pytest.mark.parametrize("k,s,held", [(3, 2, 1), (2, 2, 0)])
 def test_overlapping_max_pool_gradient_reads_a_held_output_gradient_on_cpu(k, s, held):
     # an overlapping pool's gradient is one pad per shift of its windows (4 for 3x3 stride
@@ -124,6 +123,8 @@ def test_overlapping_max_pool_gradient_reads_a_held_output_gradient_on_cpu(k, s,
     x = jnp.zeros((2, 9, 9, 4))
     hlo = jax.jit(grad).lower(x, jnp.zeros((2, 4, 4, 4))).compile().as_text()
     assert hlo.count("conditional(") == held
+    # an empty batch has nothing to hold, and its gradient is empty
+    assert jax.jit(grad)(jnp.zeros((0, 9, 9, 4)), jnp.zeros((0, 4, 4, 4))).shape == (0, 9, 9, 4)
 
 
 def test_ceil_mode_changes_the_output_size():
@@ -373,7 +374,6 @@ def test_few_channel_convolution_input_gradient_is_a_dot_on_cpu_only(cin, stride
     input_gradient = jax.grad(lambda a: jnp.sum(conv.apply(variables, a) ** 2))
     text = jax.jit(input_gradient).trace(x).lower(lowering_platforms=(platform,)).as_text()
     assert (text.count("stablehlo.convolution"), text.count("stablehlo.dot_general")) == (convolutions, dots)
-
 
 
 def test_few_channel_convolution_input_gradient_is_held_on_cpu():
