@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir, xla
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -148,13 +149,11 @@ def convolve(x, kernel, stride, padding, dilation=(1, 1), groups: int = 1):
       strided slice of the padded input) and multiplies them with the kernel as one
       (grouped) matrix product, which XLA runs as a float64 GEMM: VGG-16 at 224 in seconds.
       Exact up to float64 rounding; gradients follow by autodiff.
-    * float32 grouped and depthwise convolutions, and one input channel, on CPU: see
-      :func:`_grouped_conv`; float32 unpadded 1x1 convolutions on CPU: a matrix product
-      (:func:`_pointwise_dot`); other float32 convolutions: XLA's, with a JVP that holds the
-      input for the kernel's gradient on CPU, writes both gradients in XLA:CPU's native
-      convolution order and, for stride 1 and at most 8 input channels, takes the input's
-      gradient from im2col (:func:`_dense_conv`). On other platforms XLA's convolution runs
-      as it is.
+    * float32: jaxconv's convolution primitive (see "float32 convolution" below), lowered
+      on CPU to forms XLA:CPU runs well -- tap sums for grouped, depthwise and
+      one-input-channel convolutions, a matrix product for unpadded 1x1 ones, XLA's
+      convolution with gradients in XLA:CPU's native order for the rest -- and on other
+      platforms to XLA's convolution and its own gradients.
     """
     kh, kw, cin_group, cout = kernel.shape
     if isinstance(padding, str):
@@ -164,16 +163,8 @@ def convolve(x, kernel, stride, padding, dilation=(1, 1), groups: int = 1):
     stride, dilation = tuple(stride), tuple(dilation)
     if jnp.dtype(x.dtype) == jnp.float64:
         return _im2col_conv(x, kernel, stride, padding, dilation, groups)
-    if jnp.dtype(x.dtype) == jnp.float32 and (groups > 1 or cin_group == 1):
-        return lax.platform_dependent(
-            x, kernel, cpu=lambda a, k: _grouped_conv(a, k, stride, padding, dilation, groups),
-            default=lambda a, k: _xla_conv(a, k, stride, padding, dilation, groups))
-    if jnp.dtype(x.dtype) == jnp.float32 and (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-        return lax.platform_dependent(
-            x, kernel, cpu=lambda a, k: _pointwise_dot(a, k, stride),
-            default=lambda a, k: _xla_conv(a, k, stride, padding, dilation, groups))
-    if jnp.dtype(x.dtype) == jnp.float32:     # groups == 1 here
-        return _dense_conv(x, kernel, stride, padding, dilation)
+    if jnp.dtype(x.dtype) == jnp.float32:
+        return _conv_p.bind(x, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return _xla_conv(x, kernel, stride, padding, dilation, groups)
 
 
@@ -185,90 +176,15 @@ def _held(a, predicate):
     costs more than the value's one write. Both branches are the identity (the second one
     in a form XLA does not merge with the first), so ``predicate`` -- any scalar -- decides
     nothing."""
-    return lax.cond(predicate, lambda v: v, lambda v: -(-v), a)
+    return lax.cond(predicate, _identity, _negated_twice, a)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _dense_conv(x, kernel, stride, padding, dilation):
-    """XLA's float32 convolution, with a JVP whose two terms are written for XLA:CPU's
-    reverse mode (:func:`_input_term`, :func:`_kernel_term`); on other platforms they are
-    XLA's convolution as it is. Forward mode works through it; a tangent that is
-    symbolically zero (an input or kernel not differentiated) costs no convolution."""
-    return _xla_conv(x, kernel, stride, padding, dilation)
+def _identity(a):
+    return a
 
 
-@partial(_dense_conv.defjvp, symbolic_zeros=True)
-def _dense_conv_jvp(stride, padding, dilation, primals, tangents):
-    (x, kernel), (x_dot, kernel_dot) = primals, tangents
-    y = _xla_conv(x, kernel, stride, padding, dilation)
-    terms, predicate = [], jnp.isfinite(kernel[0, 0, 0, 0])
-    if not isinstance(x_dot, SymbolicZero):
-        terms.append(_input_term(x_dot, kernel, predicate, stride, padding, dilation))
-    if not isinstance(kernel_dot, SymbolicZero):
-        terms.append(_kernel_term(x, kernel_dot, predicate, stride, padding, dilation))
-    y_dot = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-    return y, y_dot
-
-
-# The transposes of the JVP's terms are the gradients. XLA:CPU runs a convolution fast only
-# in one dimension order: input (batch, h, w, in), kernel (h, w, in, out), output (batch, h,
-# w, out). It puts any other order into that one with transposed copies in a program's
-# entry computation, but not inside the body of a loop or a conditional, where it runs a
-# slow generic kernel instead: ResNet-18's train step (batch 8) as the body of a
-# `lax.scan` took 18.8 s against 0.58 s as a plain jitted step. Autodiff's transposes of
-# a plain NHWC/HWIO convolution are in other orders (the kernel gradient contracts over
-# batch, the input gradient reads the kernel with in and out swapped). So each term
-# below lays its operands out -- with explicit transposes -- such that its transpose is a
-# convolution in XLA:CPU's order.
-
-def _kernel_term(x, kernel_dot, predicate, stride, padding, dilation):
-    """The kernel term: on CPU, the input is read through :func:`_held` (``predicate``, a
-    scalar of the primal kernel, decides nothing) and as (in, h, w, batch), the kernel
-    tangent as (in, h, w, out), the output as (h, w, batch, out), so that the kernel's
-    gradient is a convolution of the input (channels as batch) with the output gradient
-    (batch as input channels).
-
-    Held, the input is read as it was written: XLA otherwise fuses its producer -- a
-    BatchNorm's affine, a ReLU, a residual sum: up to 15 operands -- into the gradient's
-    transposed copy of it and recomputes it in transposed order, at up to 15 times the
-    copy's own time (DenseNet-121's train step at batch 16 spent 0.56 s in these copies;
-    held: 3-13% shorter in four runs, ResNet-18's and GoogLeNet's within the host's noise;
-    see BENCHMARKS.md)."""
-    def cpu(a, k_dot, p):
-        y = lax.conv_general_dilated(_held(a, p).transpose(3, 1, 2, 0), k_dot.transpose(2, 0, 1, 3),
-                                     window_strides=stride, padding=padding, rhs_dilation=dilation,
-                                     dimension_numbers=("CHWN", "IHWO", "HWNC"))
-        return y.transpose(2, 0, 1, 3)
-    return lax.platform_dependent(x, kernel_dot, predicate, cpu=cpu,
-                                  default=lambda a, k_dot, p: _xla_conv(a, k_dot, stride, padding, dilation))
-
-
-# A dense float32 stride-1 convolution with at most this many input channels takes its
-# input's gradient from the im2col form on CPU (see _input_term).
-IM2COL_MAX_INPUT_CHANNELS = 8
-
-
-def _input_term(x_dot, kernel, predicate, stride, padding, dilation):
-    """The input term. On CPU it reads the kernel as (h, w, out, in), so that the input's
-    gradient is a convolution with an (h, w, in, out) kernel; and for a stride-1 kernel with
-    few input channels, it is the im2col form (:func:`_im2col_conv`), whose transpose is one
-    matrix product to kh x kw x cin columns and a sum of the kh x kw shifted column blocks.
-    XLA:CPU's input gradient is a convolution with cin output channels, slow for small cin.
-    Input gradient alone, XLA's / im2col (2 cores): LeNet5's conv2 (6 -> 16, 5x5, batch
-    256) 4.7 / 2.3 ms (torch 1.8); 3 -> 64 3x3 at 224x224, batch 16, 134 / 60 ms; 8 -> 32
-    3x3 at 56x56, batch 32, 8.3 / 6.7 ms. With 16 input channels XLA's is 2x faster; with a
-    stride, each tap's block is spread over the input's size, and XLA's wins (AlexNet's
-    11x11 stride 4: 78 / 152 ms). The im2col form reads the tangent through :func:`_held`
-    (``predicate`` decides nothing), so that the sum of blocks is written once: XLA fused it
-    into LeNet5's 2x2 max-pool gradient, which reads each value four times, and recomputed
-    it for each read (train step, batch 256, interleaved: 14.0 -> 13.3 and 11.5 -> 10.5 ms)."""
-    def cpu(a, k, p):
-        if k.shape[2] <= IM2COL_MAX_INPUT_CHANNELS and stride == (1, 1):
-            return _im2col_conv(_held(a, p), k, stride, padding, dilation)
-        return lax.conv_general_dilated(a, k.transpose(0, 1, 3, 2), window_strides=stride, padding=padding,
-                                        rhs_dilation=dilation, dimension_numbers=("NHWC", "HWOI", "NHWC"))
-    return lax.platform_dependent(x_dot, kernel, predicate, cpu=cpu,
-                                  default=lambda a, k, p: _xla_conv(a, k, stride, padding, dilation))
+def _negated_twice(a):
+    return -(-a)
 
 
 def _im2col_conv(x, kernel, stride, padding, dilation, groups=1):
@@ -316,30 +232,8 @@ def _conv_taps(x, kh, kw, stride, padding, dilation):
     return taps, (oh, ow)
 
 
-# A group with at most this many input channels runs as a tap sum on CPU (see _grouped_conv).
+# A group with at most this many input channels runs as a tap sum on CPU (see _grouped_forward).
 TAP_SUM_MAX_GROUP_CHANNELS = 8
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _grouped_conv(x, kernel, stride, padding, dilation, groups):
-    """float32 grouped, depthwise or one-input-channel convolution on CPU.
-
-    XLA:CPU runs these far below its dense convolutions (2-core AVX2, batch 32, measured
-    against this function): ResNeXt-50's 3x3 grouped conv at 56x56x128 takes 0.65 s
-    forward and 50 s for the kernel's gradient; a depthwise 3x3 at 112x112x96, stride 2,
-    2.1 s forward and 3.5 s for the input's gradient. Here, each of the three passes is a
-    computation XLA does well:
-
-    * forward: :func:`_grouped_forward`: a sum over taps and a group's input channels
-      where a group has few input channels (one fused loop: 0.10 s and 0.11 s for the
-      two layers above), else XLA's own grouped convolution;
-    * input gradient: the same forward, run on the output gradient (dilated by the stride
-      and padded) with the flipped kernel, each group's in/out channels swapped;
-    * kernel gradient: one grouped convolution of the input with the output gradient as
-      its kernel: batch and channel axes swapped, so that each group's contraction runs
-      over batch x height x width (0.36 s instead of 50 s).
-    """
-    return _grouped_forward(x, kernel, stride, padding, dilation, groups)
 
 
 def _grouped_forward(x, kernel, stride, padding, dilation, groups):
@@ -374,14 +268,9 @@ def _tap_sum(x, kernel, stride, padding, dilation, groups):
     return y.reshape(n, oh, ow, cout)
 
 
-def _grouped_conv_fwd(x, kernel, stride, padding, dilation, groups):
-    return _grouped_forward(x, kernel, stride, padding, dilation, groups), (x, kernel)
-
-
-def _grouped_conv_bwd(stride, padding, dilation, groups, residuals, g):
-    x, kernel = residuals
+def _grouped_input_gradient(g, kernel, input_shape, stride, padding, dilation, groups):
     kh, kw, cin_group, cout = kernel.shape
-    n, h, w, cin = x.shape
+    n, h, w, cin = input_shape
     oh, ow = g.shape[1:3]
     # Input gradient: the transposed convolution, as a stride-1 convolution of the output
     # gradient spread out by the stride (zeros between) and padded so the result is (h, w).
@@ -396,7 +285,12 @@ def _grouped_conv_bwd(stride, padding, dilation, groups, residuals, g):
     cout_group = cout // groups
     kernel_t = (kernel[::-1, ::-1].reshape(kh, kw, cin_group, groups, cout_group)
                 .transpose(0, 1, 4, 3, 2).reshape(kh, kw, cout_group, cin))
-    dx = _grouped_forward(g_spread, kernel_t, (1, 1), ((0, 0), (0, 0)), dilation, groups)
+    return _grouped_forward(g_spread, kernel_t, (1, 1), ((0, 0), (0, 0)), dilation, groups)
+
+
+def _grouped_kernel_gradient(x, g, kernel_shape, stride, padding, dilation, groups):
+    kh, kw, cin_group, cout = kernel_shape
+    n, h, w, cin = x.shape
     # Kernel gradient: for each group, correlate the input (batch as channels) with the
     # output gradient (batch as input channels); the result's batch axis is the kernel's
     # input channel.
@@ -405,11 +299,197 @@ def _grouped_conv_bwd(stride, padding, dilation, groups, residuals, g):
     rhs = g.transpose(1, 2, 0, 3)
     dk = lax.conv_general_dilated(lhs, rhs, window_strides=dilation, padding=padding, rhs_dilation=stride,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-    dk = dk[:, :kh, :kw].transpose(1, 2, 0, 3)
-    return dx, dk
+    return dk[:, :kh, :kw].transpose(1, 2, 0, 3)
 
 
-_grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
+# ----------------------------------------------------------------------------- float32 convolution
+#
+# A float32 convolution is a primitive of jaxconv's own, with a companion primitive for
+# each of its two gradients. Each of the three is lowered per platform: on CPU to the forms
+# below, elsewhere to XLA's convolution and its transposes. Being bilinear, the three
+# transpose into one another, so forward mode, reverse mode and any order of both work;
+# under vmap each runs its platform's form in a `lax.platform_dependent`. The platform is
+# chosen at lowering, not while tracing: with a `lax.platform_dependent` conditional per
+# convolution, autodiff traced, linearised, partially evaluated and transposed both
+# branches at every layer (ResNet-50's train step: trace 1.40 -> 0.70 s with these
+# primitives, see BENCHMARKS.md).
+#
+# On CPU:
+# * grouped, depthwise and one-input-channel convolutions: XLA:CPU runs these far below
+#   its dense convolutions (2-core AVX2, batch 32): ResNeXt-50's 3x3 grouped conv at
+#   56x56x128 takes 0.65 s forward and 50 s for the kernel's gradient; a depthwise 3x3 at
+#   112x112x96, stride 2, 2.1 s forward and 3.5 s for the input's gradient. Here each pass
+#   is a computation XLA does well: the forward is :func:`_grouped_forward`, a sum over
+#   taps and a group's input channels where a group has few input channels (one fused
+#   loop: 0.10 s and 0.11 s for the two layers above), else XLA's own grouped convolution;
+#   the input gradient is the same forward run on the output gradient (dilated by the
+#   stride and padded) with the flipped kernel (:func:`_grouped_input_gradient`); the
+#   kernel gradient is one grouped convolution of the input with the output gradient as
+#   its kernel, batch and channels swapped, so that each group's contraction runs over
+#   batch x height x width (:func:`_grouped_kernel_gradient`: 0.36 s instead of 50 s).
+# * unpadded 1x1 convolutions: a matrix product (:func:`_pointwise_dot`), and its
+#   gradients are its transposes;
+# * other (dense) convolutions: XLA's, with gradients that are the transposes of the terms
+#   :func:`_input_term_cpu` and :func:`_kernel_term_cpu`.
+#
+# XLA:CPU runs a dense convolution fast only in one dimension order: input (batch, h, w,
+# in), kernel (h, w, in, out), output (batch, h, w, out). It puts any other order into that
+# one with transposed copies in a program's entry computation, but not inside the body of
+# a loop or a conditional, where it runs a slow generic kernel instead: ResNet-18's train
+# step (batch 8) as the body of a `lax.scan` took 18.8 s against 0.58 s as a plain jitted
+# step. The transposes of a plain NHWC/HWIO convolution are in other orders (the kernel
+# gradient contracts over batch, the input gradient reads the kernel with in and out
+# swapped). So each term lays its operands out -- with explicit transposes -- such that its
+# transpose is a convolution in XLA:CPU's order.
+
+def _is_grouped(kernel_shape, groups) -> bool:
+    return groups > 1 or kernel_shape[2] == 1
+
+
+def _is_pointwise(kernel_shape, padding) -> bool:
+    return tuple(kernel_shape[:2]) == (1, 1) and padding == ((0, 0), (0, 0))
+
+
+def _conv_cpu(x, kernel, *, stride, padding, dilation, groups):
+    if _is_grouped(kernel.shape, groups):
+        return _grouped_forward(x, kernel, stride, padding, dilation, groups)
+    if _is_pointwise(kernel.shape, padding):
+        return _pointwise_dot(x, kernel, stride)
+    return _xla_conv(x, kernel, stride, padding, dilation)
+
+
+def _conv_default(x, kernel, *, stride, padding, dilation, groups):
+    return _xla_conv(x, kernel, stride, padding, dilation, groups)
+
+
+def _conv_input_gradient_cpu(g, kernel, *, input_shape, **conv):
+    if _is_grouped(kernel.shape, conv["groups"]):
+        return _grouped_input_gradient(g, kernel, input_shape, **conv)
+    return _input_gradient(_input_term_cpu, g, kernel, input_shape=input_shape, **conv)
+
+
+def _conv_kernel_gradient_cpu(x, g, *, kernel_shape, **conv):
+    if _is_grouped(kernel_shape, conv["groups"]):
+        return _grouped_kernel_gradient(x, g, kernel_shape, **conv)
+    return _kernel_gradient(_kernel_term_cpu, x, g, kernel_shape=kernel_shape, **conv)
+
+
+def _kernel_term_cpu(x, kernel_dot, *, stride, padding, dilation, groups):
+    """The convolution as a function of its kernel, whose transpose is the kernel's gradient
+    on CPU. A 1x1 unpadded kernel: :func:`_pointwise_dot`. Otherwise the input is read
+    through :func:`_held` and as (in, h, w, batch), the kernel as (in, h, w, out), the
+    output as (h, w, batch, out), so that the kernel's gradient is a convolution of the
+    input (channels as batch) with the output gradient (batch as input channels).
+
+    Held, the input is read as it was written: XLA otherwise fuses its producer -- a
+    BatchNorm's affine, a ReLU, a residual sum: up to 15 operands -- into the gradient's
+    transposed copy of it and recomputes it in transposed order, at up to 15 times the
+    copy's own time (DenseNet-121's train step at batch 16 spent 0.56 s in these copies;
+    held: 3-13% shorter in four runs, ResNet-18's and GoogLeNet's within the host's noise;
+    see BENCHMARKS.md)."""
+    if _is_pointwise(kernel_dot.shape, padding):
+        return _pointwise_dot(x, kernel_dot, stride)
+    if x.size:
+        x = _held(x, jnp.isfinite(x[0, 0, 0, 0]))
+    y = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), kernel_dot.transpose(2, 0, 1, 3),
+                                 window_strides=stride, padding=padding, rhs_dilation=dilation,
+                                 dimension_numbers=("CHWN", "IHWO", "HWNC"))
+    return y.transpose(2, 0, 1, 3)
+
+
+# A dense float32 stride-1 convolution with at most this many input channels takes its
+# input's gradient from the im2col form on CPU (see _input_term_cpu).
+IM2COL_MAX_INPUT_CHANNELS = 8
+
+
+def _input_term_cpu(x_dot, kernel, *, stride, padding, dilation, groups):
+    """The convolution as a function of its input, whose transpose is the input's gradient
+    on CPU. A 1x1 unpadded kernel: :func:`_pointwise_dot`. Otherwise it reads the kernel as
+    (h, w, out, in), so that the input's gradient is a convolution with an (h, w, in, out)
+    kernel; and for a stride-1 kernel with few input channels, it is the im2col form
+    (:func:`_im2col_conv`), whose transpose is one matrix product to kh x kw x cin columns
+    and a sum of the kh x kw shifted column blocks. XLA:CPU's input gradient is a
+    convolution with cin output channels, slow for small cin. Input gradient alone, XLA's /
+    im2col (2 cores): LeNet5's conv2 (6 -> 16, 5x5, batch 256) 4.7 / 2.3 ms (torch 1.8); 3
+    -> 64 3x3 at 224x224, batch 16, 134 / 60 ms; 8 -> 32 3x3 at 56x56, batch 32, 8.3 / 6.7
+    ms. With 16 input channels XLA's is 2x faster; with a stride, each tap's block is spread
+    over the input's size, and XLA's wins (AlexNet's 11x11 stride 4: 78 / 152 ms). The
+    im2col form reads the tangent through :func:`_held` (its predicate, the kernel's first
+    entry, decides nothing), so that the sum of blocks is written once: XLA fused it into
+    LeNet5's 2x2 max-pool gradient, which reads each value four times, and recomputed it
+    for each read (train step, batch 256, interleaved: 14.0 -> 13.3 and 11.5 -> 10.5 ms)."""
+    if _is_pointwise(kernel.shape, padding):
+        return _pointwise_dot(x_dot, kernel, stride)
+    if kernel.shape[2] <= IM2COL_MAX_INPUT_CHANNELS and stride == (1, 1):
+        return _im2col_conv(_held(x_dot, jnp.isfinite(kernel[0, 0, 0, 0])), kernel, stride, padding, dilation)
+    return lax.conv_general_dilated(x_dot, kernel.transpose(0, 1, 3, 2), window_strides=stride, padding=padding,
+                                    rhs_dilation=dilation, dimension_numbers=("NHWC", "HWOI", "NHWC"))
+
+
+def _input_gradient(input_term, g, kernel, *, input_shape, **conv):
+    """The transpose of ``input_term`` (a function of the input) applied to ``g``."""
+    x = jax.ShapeDtypeStruct(input_shape, g.dtype)
+    return jax.linear_transpose(lambda a: input_term(a, kernel, **conv), x)(g)[0]
+
+
+def _kernel_gradient(kernel_term, x, g, *, kernel_shape, **conv):
+    """The transpose of ``kernel_term`` (a function of the kernel) applied to ``g``."""
+    kernel = jax.ShapeDtypeStruct(kernel_shape, g.dtype)
+    return jax.linear_transpose(lambda k: kernel_term(x, k, **conv), kernel)(g)[0]
+
+
+def _platform_primitive(name: str, cpu: Callable, default: Callable, shape: Callable):
+    """A primitive lowered to ``cpu(*operands, **params)`` on CPU and to ``default`` elsewhere;
+    ``shape(*operand_shapes, **params)`` is its result's shape (in its first operand's dtype).
+    Eager calls compile it alone; under vmap it is both functions in a
+    ``lax.platform_dependent``."""
+    primitive = Primitive(name)
+    primitive.def_impl(partial(xla.apply_primitive, primitive))
+    primitive.def_abstract_eval(
+        lambda *avals, **params: jax.core.ShapedArray(shape(*(a.shape for a in avals), **params), avals[0].dtype))
+    mlir.register_lowering(primitive, mlir.lower_fun(cpu, multiple_results=False), platform="cpu")
+    mlir.register_lowering(primitive, mlir.lower_fun(default, multiple_results=False))
+
+    def batched(operands, axes, **params):
+        def one(*a):
+            return lax.platform_dependent(*a, cpu=partial(cpu, **params), default=partial(default, **params))
+        return jax.vmap(one, in_axes=axes)(*operands), 0
+    batching.primitive_batchers[primitive] = batched
+    return primitive
+
+
+def _conv_output_shape(x_shape, kernel_shape, **conv):
+    operands = (jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(kernel_shape, jnp.float32))
+    return jax.eval_shape(partial(_conv_default, **conv), *operands).shape
+
+
+# conv(x, kernel) -> y; input_gradient(g, kernel) -> dx; kernel_gradient(x, g) -> dkernel
+_conv_p = _platform_primitive("jaxconv_conv", _conv_cpu, _conv_default, _conv_output_shape)
+_conv_input_gradient_p = _platform_primitive(
+    "jaxconv_conv_input_gradient", _conv_input_gradient_cpu, partial(_input_gradient, _conv_default),
+    lambda g_shape, kernel_shape, *, input_shape, **conv: input_shape)
+_conv_kernel_gradient_p = _platform_primitive(
+    "jaxconv_conv_kernel_gradient", _conv_kernel_gradient_cpu, partial(_kernel_gradient, _conv_default),
+    lambda x_shape, g_shape, *, kernel_shape, **conv: kernel_shape)
+
+
+def _shape(operand) -> tuple[int, ...]:
+    return tuple(operand.aval.shape)
+
+
+ad.defbilinear(
+    _conv_p,
+    lambda ct, x, kernel, **conv: _conv_input_gradient_p.bind(ct, kernel, input_shape=_shape(x), **conv),
+    lambda ct, x, kernel, **conv: _conv_kernel_gradient_p.bind(x, ct, kernel_shape=_shape(kernel), **conv))
+ad.defbilinear(
+    _conv_input_gradient_p,
+    lambda ct, g, kernel, *, input_shape, **conv: _conv_p.bind(ct, kernel, **conv),
+    lambda ct, g, kernel, *, input_shape, **conv: _conv_kernel_gradient_p.bind(
+        ct, g, kernel_shape=_shape(kernel), **conv))
+ad.defbilinear(
+    _conv_kernel_gradient_p,
+    lambda ct, x, g, *, kernel_shape, **conv: _conv_input_gradient_p.bind(g, ct, input_shape=_shape(x), **conv),
+    lambda ct, x, g, *, kernel_shape, **conv: _conv_p.bind(x, ct, **conv))
 
 
 class Conv2d(nn.Module):

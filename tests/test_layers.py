@@ -248,7 +248,7 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
 ])
 def test_cpu_convolution_paths_and_their_gradients_match_torch_in_float32(cin, cout, groups, k, s, p, d):
     # float32 grouped, depthwise and one-input-channel convolutions take layers.convolve's
-    # CPU path (_grouped_conv: tap sums and a custom gradient), unpadded 1x1 ones a dot;
+    # CPU path (tap sums and their own gradients), unpadded 1x1 ones a dot;
     # dense stride-1 ones with at most 8 input channels take the input's gradient from im2col
     rng = np.random.default_rng(cin + cout + groups)
     x = rng.standard_normal((3, 17, 20, cin)).astype(np.float32)
@@ -359,6 +359,53 @@ def test_dense_convolution_forward_mode_is_xlas(stride):
     (y, y_dot), (y_ref, y_dot_ref) = ours(x, k, x_dot, k_dot), xlas(x, k, x_dot, k_dot)
     assert rel_err(np.asarray(y), np.asarray(y_ref)) < 1e-6
     assert rel_err(np.asarray(y_dot), np.asarray(y_dot_ref)) < 1e-6
+
+
+_CONVOLUTION_KINDS = [   # x shape, kernel shape, stride, padding, groups
+    ((2, 9, 8, 16), (3, 3, 16, 8), (2, 2), ((1, 1), (1, 0)), 1),   # dense: XLA's, terms in XLA:CPU's order
+    ((2, 9, 8, 5), (3, 3, 5, 7), (1, 1), ((1, 2), (0, 1)), 1),      # dense, the im2col input term
+    ((2, 9, 8, 16), (1, 1, 16, 8), (2, 2), ((0, 0), (0, 0)), 1),    # 1x1: a dot
+    ((2, 9, 8, 8), (3, 3, 1, 8), (2, 2), ((1, 1), (1, 1)), 8),      # depthwise: tap sums
+    ((2, 9, 8, 8), (3, 3, 2, 8), (1, 1), ((1, 1), (1, 1)), 4),      # grouped: tap sums
+    ((2, 9, 8, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), 1),      # one input channel: a tap sum
+]
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,stride,pads,groups", _CONVOLUTION_KINDS)
+def test_convolution_transformations_are_xlas(x_shape, kernel_shape, stride, pads, groups):
+    # every CPU form of a float32 convolution under every transformation -- eager, forward
+    # mode (grouped convolutions had none), reverse mode, forward over reverse, reverse over
+    # reverse, vmap of the gradient -- gives XLA's own convolution's numbers
+    rng = np.random.default_rng(sum(kernel_shape))
+    x, x_dot = (jnp.asarray(rng.standard_normal(x_shape), jnp.float32) for _ in range(2))
+    k, k_dot = (jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32) for _ in range(2))
+
+    def results(conv):
+        loss = lambda a, b: jnp.sum(jnp.sin(conv(a, b)))     # noqa: E731
+        grad = jax.grad(loss, argnums=(0, 1))
+        return [conv(x, k),
+                jax.jit(lambda *a: jax.jvp(conv, a[:2], a[2:])[1])(x, k, x_dot, k_dot),
+                jax.jit(grad)(x, k),
+                jax.jit(lambda *a: jax.jvp(grad, a[:2], a[2:])[1])(x, k, x_dot, k_dot),
+                jax.jit(jax.grad(lambda a, b: jnp.sum(grad(a, b)[1] ** 2), argnums=(0, 1)))(x, k),
+                jax.jit(jax.vmap(jax.grad(lambda a, b: loss(a[None], b), argnums=(0, 1)), (0, None)))(x, k)]
+    ours = results(lambda a, b: layers.convolve(a, b, stride, pads, (1, 1), groups))
+    xlas = results(lambda a, b: layers._xla_conv(a, b, stride, pads, (1, 1), groups))
+    for what, mine, ref in zip(["eager", "jvp", "grad", "jvp of grad", "grad of grad", "vmap of grad"], ours, xlas):
+        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(ref)):
+            assert a.shape == b.shape and rel_err(np.asarray(a), np.asarray(b)) < 5e-6, what
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,stride,pads,groups", _CONVOLUTION_KINDS)
+def test_convolution_gradient_is_traced_without_conditionals(x_shape, kernel_shape, stride, pads, groups):
+    # the platform's form is chosen when lowering: a conditional per convolution made
+    # autodiff trace, linearise and transpose both platforms' branches at every layer;
+    # and a batch of none has a gradient of none
+    grad = jax.grad(lambda a, b: jnp.sum(layers.convolve(a, b, stride, pads, (1, 1), groups) ** 2), argnums=(0, 1))
+    x, k = jnp.ones(x_shape), jnp.ones(kernel_shape)
+    assert "cond" not in {eqn.primitive.name for eqn in jax.make_jaxpr(grad)(x, k).jaxpr.eqns}
+    dx, dk = jax.jit(grad)(jnp.ones((0, *x_shape[1:])), k)
+    assert dx.shape == (0, *x_shape[1:]) and dk.shape == kernel_shape and not np.asarray(dk).any()
 
 
 @pytest.mark.parametrize("cin,stride,platform,convolutions,dots", [
