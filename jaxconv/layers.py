@@ -627,6 +627,12 @@ def batch_norm_train(x, scale, bias, eps):
     return y, mean, var
 
 
+# The forward and the gradient are jitted, so that JAX traces each once per shape and
+# autodiff, partial evaluation and lowering see one call where there were ~25 operations
+# and two conditionals: a model has many BatchNorms of few shapes. ResNet-50's train step
+# (b32, min of 8): trace 0.77-0.78 -> 0.61-0.66 s, lower 0.32-0.33 -> 0.25-0.27 s. XLA
+# inlines the calls: the compiled program is the same.
+@partial(jax.jit, static_argnums=(3,))
 def _batch_norm_train_forward(x, scale, bias, eps):
     rows = x.reshape(-1, x.shape[-1])
     count = rows.shape[0]
@@ -643,8 +649,11 @@ def _batch_norm_train_fwd(x, scale, bias, eps):
 
 
 def _batch_norm_train_bwd(eps, residuals, cotangents):
-    x, scale, mean, rstd = residuals
-    g_y, g_mean, g_var = cotangents
+    return _batch_norm_train_grads(*residuals, *cotangents)
+
+
+@jax.jit
+def _batch_norm_train_grads(x, scale, mean, rstd, g_y, g_mean, g_var):
     rows, g = x.reshape(-1, x.shape[-1]), g_y.reshape(-1, x.shape[-1])
     count = rows.shape[0]
     centred = rows - mean
