@@ -311,8 +311,8 @@ def _grouped_kernel_gradient(x, g, kernel_shape, stride, padding, dilation, grou
 # under vmap each runs its platform's form in a `lax.platform_dependent`. The platform is
 # chosen at lowering, not while tracing: with a `lax.platform_dependent` conditional per
 # convolution, autodiff traced, linearised, partially evaluated and transposed both
-# branches at every layer (ResNet-50's train step: trace 1.40 -> 0.70 s with these
-# primitives, see BENCHMARKS.md).
+# branches at every layer (ResNet-50's train step, min of 8: trace 1.02-1.12 -> 0.64-0.70
+# s with these primitives, see BENCHMARKS.md).
 #
 # On CPU:
 # * grouped, depthwise and one-input-channel convolutions: XLA:CPU runs these far below
@@ -379,7 +379,9 @@ def _kernel_term_cpu(x, kernel_dot, *, stride, padding, dilation, groups):
     on CPU. A 1x1 unpadded kernel: :func:`_pointwise_dot`. Otherwise the input is read
     through :func:`_held` and as (in, h, w, batch), the kernel as (in, h, w, out), the
     output as (h, w, batch, out), so that the kernel's gradient is a convolution of the
-    input (channels as batch) with the output gradient (batch as input channels).
+    input (channels as batch) with the output gradient (batch as input channels). The
+    hold's predicate, the input's own first entry, decides nothing (an empty batch needs
+    no hold).
 
     Held, the input is read as it was written: XLA otherwise fuses its producer -- a
     BatchNorm's affine, a ReLU, a residual sum: up to 15 operands -- into the gradient's
