@@ -460,9 +460,11 @@ def _platform_primitive(name: str, cpu: Callable, default: Callable, shape: Call
     return primitive
 
 
-def _conv_output_shape(x_shape, kernel_shape, **conv):
-    operands = (jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(kernel_shape, jnp.float32))
-    return jax.eval_shape(partial(_conv_default, **conv), *operands).shape
+def _conv_output_shape(x_shape, kernel_shape, *, stride, padding, dilation, groups):
+    kh, kw, cin_group, cout = kernel_shape
+    spans = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1, cin_group, cout)
+    return tuple(int(d) for d in lax.conv_general_shape_tuple(x_shape, spans, stride, padding,
+                                                              ("NHWC", "HWIO", "NHWC")))
 
 
 # conv(x, kernel) -> y; input_gradient(g, kernel) -> dx; kernel_gradient(x, g) -> dkernel
