@@ -82,3 +82,43 @@ def test_compilation_cache_fills_and_can_be_switched_off(tmp_path):
     users = tmp_path / "users"
     kept, _ = _run({"JAX_COMPILATION_CACHE_DIR": str(users), "JAXCONV_COMPILATION_CACHE": str(cache)})
     assert kept["cache_dir"] == str(users)
+
+
+def test_fusion_type_values_are_checked():
+    if runtime.xla_knows_flag(runtime.YNN_FLAG):
+        assert all(runtime.xla_knows_flag(f) for f in runtime.DEFAULT_FLAGS)
+    assert not runtime.xla_knows_flag(f"{runtime.YNN_FLAG}=no_such_fusion_type")
+
+
+FUSIONS = """
+import json, re
+import jax, jax.numpy as jnp
+import jaxconv
+model = jaxconv.get_model("resnet50", num_classes=10)
+x = jnp.ones((2, 64, 64, 3))
+variables = model.init(jax.random.key(0), x)
+hlo = jax.jit(model.apply).lower(variables, x).compile().as_text()
+bodies = dict(re.findall(r"\\n(%[\\w.]+) [^\\n]*\\{\\n(.*?)\\n\\}", hlo, re.S))
+entry = hlo[hlo.index("\\nENTRY"):]
+ynn = [re.search(r"calls=(%[\\w.]+)", line).group(1) for line in entry.splitlines() if "__ynn_fusion" in line]
+print(json.dumps({
+    "ynn_ops": [sorted(set(re.findall(r"= \\S+ ([a-z-]+)\\(", bodies[c])) - {"parameter", "bitcast"}) for c in ynn],
+    "full_size_broadcasts": [name for name, c in re.findall(r"(%[\\w.]+) = f32\\[\\d+,\\d+,\\d+,\\d+\\][^\\n]*"
+                                                       r"calls=(%[\\w.]+)", entry)
+                             if re.search(r"ROOT [^\\n]* broadcast\\(", bodies[c])],
+}))
+"""
+
+
+@needs_flag
+def test_default_fusion_type_keeps_batchnorm_and_relu_in_xlas_loops():
+    """With jaxconv's flag every YNNPACK fusion is one matrix product. Under ``=dot`` a fusion
+    grew over whole ResNet stages, convolutions included, and took each BatchNorm's scale
+    and shift and each ReLU's zero as full-size inputs, written to memory first."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXCONV_XLA_FLAGS")}
+    env.update(JAXCONV_COMPILATION_CACHE="0", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", FUSIONS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ynn_ops"] and all(ops == ["dot"] for ops in out["ynn_ops"]), out["ynn_ops"]
+    assert out["full_size_broadcasts"] == []
