@@ -187,6 +187,33 @@ def _negated_twice(a):
     return -(-a)
 
 
+@jax.custom_jvp
+def fan_out(x):
+    """``x`` itself, for a value that several layers read (an inception module's input).
+    Its gradient is the sum of those layers' gradients; on CPU it leaves through
+    :func:`_held`, so the sum is written to memory once.
+
+    XLA:CPU otherwise copies the sum into each fusion that reads it (the BatchNorm
+    gradient behind it reads it several times): GoogLeNet's train step at batch 32 took
+    3662 ms without, 3071 ms with it (XLA's ``individual_dot`` YNNPACK fusions, jaxconv's
+    default). The tangent goes through the same hold, whose transpose holds the gradient,
+    so forward mode works as well. Elsewhere it is the identity."""
+    return x
+
+
+@fan_out.defjvp
+def _fan_out_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.size == 0:
+        return x, dx
+    predicate = jnp.isfinite(x.reshape(-1)[0])
+    return x, lax.platform_dependent(dx, predicate, cpu=_held, default=_first)
+
+
+def _first(a, predicate):
+    return a
+
+
 def _im2col_conv(x, kernel, stride, padding, dilation, groups=1):
     """The convolution as the kernel's taps (:func:`_conv_taps`) stacked on the channel axis
     and multiplied with the kernel: one (grouped) matrix product."""

@@ -498,3 +498,30 @@ def test_batch_norm_train_gradient_includes_the_statistics_outputs():
         cts = tuple(jnp.asarray(c, jnp.float64) for c in cotangents)
         for a, b in zip((*ours, *ours_vjp(cts)), (*ref, *ref_vjp(cts))):
             assert rel_err(np.asarray(a), np.asarray(b)) < 1e-12
+
+
+def test_fan_out_is_the_identity_with_its_gradient_held_on_cpu_only():
+    # a value read by several layers (an inception module's input) gets the sum of their
+    # gradients; on CPU that sum goes through one conditional, so XLA writes it once
+    # instead of copying it into each fusion that reads it (GoogLeNet's train step)
+    def f(a):
+        h = layers.fan_out(a)
+        return jnp.sum(jnp.tanh(h) * jnp.sin(h)) + jnp.sum(h ** 3)
+
+    x = jnp.linspace(-1.0, 1.0, 2 * 3 * 3 * 4).reshape(2, 3, 3, 4)
+    def plain(a):
+        return jnp.sum(jnp.tanh(a) * jnp.sin(a)) + jnp.sum(a ** 3)
+
+    np.testing.assert_array_equal(layers.fan_out(x), x)
+    np.testing.assert_allclose(jax.grad(f)(x), jax.grad(plain)(x), rtol=1e-6)
+    t = jnp.cos(x)
+    np.testing.assert_allclose(jax.jvp(f, (x,), (t,))[1], jax.jvp(plain, (x,), (t,))[1], rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.grad(plain)(x), rtol=1e-6)
+    traced = jax.jit(jax.grad(f)).trace(x)
+    assert traced.lower().compile().as_text().count("conditional(") == 1
+    # the hold's second branch, -(-a), is the only negation: lowered for CPU, not for CUDA
+    cpu, cuda = (traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
+    assert "stablehlo.negate" in cpu and "stablehlo.negate" not in cuda
+    assert jax.grad(f)(jnp.zeros((0, 3, 3, 4))).shape == (0, 3, 3, 4)
+    # integer values have no gradient to hold
+    assert layers.fan_out(jnp.arange(3)).dtype == jnp.arange(3).dtype

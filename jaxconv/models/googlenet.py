@@ -35,7 +35,7 @@ from flax import linen as nn
 
 from jaxconv.convert.mapping import TorchMapping
 from jaxconv.layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d,
-                            check_nhwc, torch_trunc_normal)
+                            check_nhwc, fan_out, torch_trunc_normal)
 from jaxconv.registry import ModelInfo
 
 # (mean, std) of the ImageNet normalisation -> (0.5, 0.5): x * std / 0.5 + (mean - 0.5) / 0.5
@@ -93,6 +93,7 @@ class Inception(nn.Module):
         self.branch4_1 = conv(self.pool_proj, 1)
 
     def __call__(self, x, train: bool = False):
+        x = fan_out(x)
         return jnp.concatenate([
             self.branch1(x, train),
             self.branch2_1(self.branch2_0(x, train), train),
