@@ -4,8 +4,9 @@ Two things, both overridable and both applied by ``import jaxconv`` (this module
 first, before anything in jaxconv touches JAX's backend):
 
 1. **XLA CPU flags.** ``--xla_cpu_experimental_ynn_fusion_type=individual_dot`` is
-   appended to ``XLA_FLAGS``: each matrix product runs as its own YNNPACK call, and
-   everything else (convolutions, elementwise work) takes XLA's own CPU path.
+   appended to ``XLA_FLAGS`` (``=dot`` with a jaxlib that does not know that value):
+   each matrix product runs as its own YNNPACK call, and everything else (convolutions,
+   elementwise work) takes XLA's own CPU path.
 
    * XLA:CPU's default sends convolutions into YNNPACK fusions that are slow on x86 CPUs
      without AVX-512.
@@ -51,7 +52,9 @@ import warnings
 from typing import Any
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-DEFAULT_FLAGS = (f"{YNN_FLAG}=individual_dot",)
+# the YNNPACK fusion types jaxconv would set, best first: the first one the installed
+# jaxlib's XLA knows is used (older ones know ``dot`` but not ``individual_dot``)
+YNN_FUSION_TYPES = ("individual_dot", "dot")
 # how XLA names an enum flag's values in its protobuf descriptor (in jaxlib's library)
 _ENUM_VALUE_PREFIX = {YNN_FLAG: "LIBRARY_FUSION_TYPE_"}
 MIN_COMPILE_SECS = 0.1
@@ -98,6 +101,16 @@ def xla_knows_flag(flag: str) -> bool:
     return False
 
 
+def default_flags() -> tuple[str, ...]:
+    """The flags jaxconv appends to ``XLA_FLAGS``: the YNN fusion flag with the first of
+    :data:`YNN_FUSION_TYPES` that this jaxlib's XLA knows (nothing if it knows none)."""
+    for fusion_type in YNN_FUSION_TYPES:
+        flag = f"{YNN_FLAG}={fusion_type}"
+        if xla_knows_flag(flag):
+            return (flag,)
+    return ()
+
+
 def _backends_initialized() -> bool:
     try:
         from jax._src import xla_bridge
@@ -116,13 +129,11 @@ def _configure_flags() -> None:
         return
     current = os.environ.get("XLA_FLAGS", "")
     present = _flag_names(current)
-    wanted = [f for f in DEFAULT_FLAGS if f.split("=")[0] not in present]
-    if not wanted:
+    if YNN_FLAG in present:
         return
-    usable = [f for f in wanted if xla_knows_flag(f)]
-    for f in set(wanted) - set(usable):
-        _applied["note"] += f"{f} skipped: this jaxlib's XLA does not define it. "
+    usable = list(default_flags())
     if not usable:
+        _applied["note"] += f"{YNN_FLAG} skipped: this jaxlib's XLA knows none of {YNN_FUSION_TYPES}. "
         return
     if _backends_initialized():
         warnings.warn(f"jaxconv: JAX's backend was initialised before jaxconv was imported, so its XLA "

@@ -40,8 +40,8 @@ needs_flag = pytest.mark.skipif(not runtime.xla_knows_flag(runtime.YNN_FLAG),
 @needs_flag
 def test_import_appends_the_flags_and_keeps_the_users_others():
     out, _ = _run({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    assert out["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *runtime.DEFAULT_FLAGS]
-    assert out["settings"]["xla_flags"] == list(runtime.DEFAULT_FLAGS)
+    assert out["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *runtime.default_flags()]
+    assert out["settings"]["xla_flags"] == list(runtime.default_flags())
 
 
 @needs_flag
@@ -84,10 +84,15 @@ def test_compilation_cache_fills_and_can_be_switched_off(tmp_path):
     assert kept["cache_dir"] == str(users)
 
 
-def test_fusion_type_values_are_checked():
-    if runtime.xla_knows_flag(runtime.YNN_FLAG):
-        assert all(runtime.xla_knows_flag(f) for f in runtime.DEFAULT_FLAGS)
+def test_fusion_type_values_are_checked_and_the_first_known_one_is_used(monkeypatch):
     assert not runtime.xla_knows_flag(f"{runtime.YNN_FLAG}=no_such_fusion_type")
+    if runtime.xla_knows_flag(f"{runtime.YNN_FLAG}=individual_dot"):
+        assert runtime.default_flags() == (f"{runtime.YNN_FLAG}=individual_dot",)
+    # a jaxlib whose XLA knows `dot` but not `individual_dot` gets `dot`; one that knows neither, nothing
+    monkeypatch.setattr(runtime, "xla_knows_flag", lambda flag: flag.endswith("=dot"))
+    assert runtime.default_flags() == (f"{runtime.YNN_FLAG}=dot",)
+    monkeypatch.setattr(runtime, "xla_knows_flag", lambda flag: False)
+    assert runtime.default_flags() == ()
 
 
 FUSIONS = """
