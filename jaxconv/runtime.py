@@ -17,7 +17,8 @@ first, before anything in jaxconv touches JAX's backend):
      memory first (ResNet-50, batch 16: ~300 ms of a 1.2 s inference).
    * ``individual_dot`` keeps XLA's fused elementwise loops. Measured against ``=dot``
      in one process, batch 16: ResNet-50 inference 1161 -> 896 ms, VGG-16 3332 -> 2723
-     ms, DenseNet-121 974 -> 785 ms. Training did not change. Figures are in
+     ms, DenseNet-121 974 -> 785 ms. Train steps did not change, except DenseNet-121's
+     (5-6% longer) and GoogLeNet's, which needed ``layers.fan_out``. Figures are in
      ``BENCHMARKS.md``.
    * The flag only concerns the CPU compiler; on a GPU it is parsed and ignored.
 
