@@ -392,7 +392,10 @@ def check_train(name: str, torch_model, size: tuple[int, int], batch: int = 4, s
             raise AssertionError(f"{len(stats)} updated statistics, torch has {len(wanted)}")
         errors["running_stats"] = max((rel_err(a, b) for a, b in zip(stats, wanted)), default=0.0)
         if grads:
-            torch_grads = dict(before, **{k: p.grad.numpy().copy() for k, p in reference.named_parameters()})
+            # a parameter the loss does not reach (GoogLeNet's auxiliary heads: the loss is
+            # the logits' cross-entropy) has no torch gradient; JAX's is zero
+            torch_grads = dict(before, **{k: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy().copy()
+                                          for k, p in reference.named_parameters()})
             expected_grads = from_torchvision(name, torch_grads, num_classes=num_classes, **overrides)["params"]
             errors["loss"] = rel_err(value, loss.item())
             errors.update(_grad_errors(g, expected_grads))

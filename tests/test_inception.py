@@ -81,12 +81,14 @@ def test_googlenet_eval_parity(googlenet_eval):
 
 
 def test_googlenet_train_parity_with_aux_heads(googlenet_ref):
-    # batch statistics, both auxiliary heads (torchvision's order: logits, aux2, aux1) and
-    # the updated running statistics; dropout off on both sides
+    # batch statistics, both auxiliary heads (torchvision's order: logits, aux2, aux1),
+    # the updated running statistics and every parameter's gradient (through the held
+    # gradient sums at each inception module's input, layers.fan_out); dropout off on both sides
     errors = parity.check_train("googlenet", googlenet_ref, (96, 96), batch=2,
-                                overrides={"dropout_aux": 0.0})
+                                overrides={"dropout_aux": 0.0}, grads=True)
     print(errors)
-    assert set(errors) == {"logits", "aux_1", "aux_2", "running_stats"}
+    assert {"logits", "aux_1", "aux_2", "running_stats", "loss"} <= set(errors)
+    assert sum(k.startswith("grad:") for k in errors) > 100
     assert max(errors.values()) <= 1e-9, errors
 
 
