@@ -189,7 +189,7 @@ def _negated_twice(a):
 
 @jax.custom_jvp
 def fan_out(x):
-    """``x`` itself, for a value that several layers read (an inception module's input).
+    """``x`` itself, for a value that several layers read (a GoogLeNet inception module's input).
     Its gradient is the sum of those layers' gradients; on CPU it leaves through
     :func:`_held`, so the sum is written to memory once.
 
