@@ -246,22 +246,24 @@ def interleave(fns: dict, rounds: int, min_round: float, warmup: int = 2) -> dic
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def forward_macs(name: str) -> tuple[int, int]:
-    """Multiply-accumulates of one image's forward pass (``jaxconv summary``'s count), and
-    those of its first layer with any (the stem, which reads the image)."""
+def model_macs(name: str) -> tuple[int, int]:
+    """Multiply-accumulates of one image: its inference (``jaxconv summary``'s per-layer
+    counts, of the layers an eval-mode call runs) and its train step (:func:`train_macs`)."""
     from jaxconv.summary import _layer_records
     h, w, c = jaxconv.model_info(name).input_size
-    records, _ = _layer_records(jaxconv.get_model(name), (1, h, w, c))
-    macs = [m.macs(i, o) for _, _, m, i, o in records]
-    return int(sum(macs)), int(next(v for v in macs if v))
+    model = jaxconv.get_model(name)
+    inference = [m.macs(i, o) for _, _, m, i, o in _layer_records(model, (1, h, w, c), evaluated=True)[0]]
+    every_layer = [m.macs(i, o) for _, _, m, i, o in _layer_records(model, (1, h, w, c))[0]]
+    return int(sum(inference)), train_macs(every_layer)
 
 
-def train_macs(forward: int, first: int) -> int:
-    """Multiply-accumulates of one image's train step: the forward pass, every layer's
-    kernel gradient (as many as its forward) and every layer's input gradient but the
-    first's (the image needs none, and neither side computes it). Inference-mode layer
-    counts: GoogLeNet's two auxiliary heads (8M MACs of 1.5G) are left out."""
-    return 3 * forward - first
+def train_macs(layer_macs: list[int]) -> int:
+    """Multiply-accumulates of one image's train step, from the forward MACs of every layer
+    it runs (GoogLeNet's auxiliary heads included) in order: the forward pass, every
+    layer's kernel gradient (as many as its forward) and every layer's input gradient but
+    the first's (the image needs none, and neither side computes it)."""
+    first = next((v for v in layer_macs if v), 0)
+    return 3 * int(sum(layer_macs)) - first
 
 
 def matmul_peak(device: str, dtype: str) -> dict:
@@ -324,9 +326,9 @@ def bench_model(name: str, args) -> dict:
     t = interleave(fns, args.rounds, args.min_round)
     row[f"train{tb}"] = {k: tb / v for k, v in t.items()}
     row["train_batch"] = tb
-    forward, first = forward_macs(name)
-    row["gmacs"] = forward / 1e9
-    row["train_gmacs"] = train_macs(forward, first) / 1e9
+    inference, train = model_macs(name)
+    row["gmacs"] = inference / 1e9
+    row["train_gmacs"] = train / 1e9
     del fns, pair
     jax.clear_caches()
     return row

@@ -10,9 +10,11 @@ import numpy as np
 from flax import linen as nn
 
 
-def _layer_records(model: nn.Module, input_shape: tuple[int, ...]):
+def _layer_records(model: nn.Module, input_shape: tuple[int, ...], evaluated: bool = False):
     """Run ``model.init`` abstractly and record every torch-style layer call in order:
-    (section, module path, module, input shape, output shape)."""
+    (section, module path, module, input shape, output shape). ``evaluated``: record the
+    calls of an eval-mode ``model.apply`` instead, which leaves out the layers that only
+    training runs (GoogLeNet's and Inception-v3's auxiliary heads)."""
     records, sections = [], []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -31,8 +33,14 @@ def _layer_records(model: nn.Module, input_shape: tuple[int, ...]):
             records.append((section, tuple(module.path), module, tuple(args[0].shape), tuple(out.shape)))
         return out
 
+    x = jnp.zeros(input_shape, jnp.float32)
+    if evaluated:
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+        with nn.intercept_methods(interceptor):
+            jax.eval_shape(lambda v: model.apply(v, x), shapes)
+        return records, shapes
     with nn.intercept_methods(interceptor):
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32)))
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
     return records, shapes
 
 

@@ -4,19 +4,35 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from jaxconv.bench import forward_macs, torch_lenet5, train_macs
+from jaxconv.bench import model_macs, torch_lenet5
+
+# torchvision's published forward cost of its ImageNet weights, in GMACs ("GFLOPS" in its
+# docs), three decimals
+TORCHVISION_GMACS = {"alexnet": 0.714, "vgg16": 15.47, "resnet18": 1.814, "resnet50": 4.089,
+                     "resnext50_32x4d": 4.23, "densenet121": 2.834, "googlenet": 1.498,
+                     "efficientnet_b0": 0.386}
 
 
-@pytest.mark.parametrize("name", ["lenet5", "alexnet", "resnet18"])
+@pytest.mark.parametrize("name", sorted(TORCHVISION_GMACS))
+def test_inference_macs_are_torchvisions(name):
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    assert weights.meta["_ops"] == TORCHVISION_GMACS[name]
+    # GoogLeNet's auxiliary heads (8.4M MACs) run in training only: not counted here
+    assert round(model_macs(name)[0] / 1e9, 3) == pytest.approx(TORCHVISION_GMACS[name], abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "alexnet", "resnet18", "googlenet"])
 def test_train_step_flops_match_torchs_flop_counter(name):
-    # torch counts what its train step runs: the forward, every weight gradient and every
-    # input gradient that autograd needs (none for the image's own). (Its counter is no
-    # reference for grouped convolutions' gradients: it counts EfficientNet-B0's backward
-    # as 14x what the forward's depthwise layers can need.)
+    # torch counts what its train step runs: the forward (GoogLeNet's auxiliary heads
+    # included), every weight gradient and every input gradient that autograd needs (none
+    # for the image's own). (Its counter is no reference for grouped convolutions'
+    # gradients: it counts EfficientNet-B0's backward as 14x what the forward's depthwise
+    # layers can need.)
     model = torch_lenet5() if name == "lenet5" else getattr(torchvision.models, name)()
     x = torch.zeros((2, 1, 28, 28) if name == "lenet5" else (2, 3, 224, 224))
     counter = FlopCounterMode(display=False)
     with counter:
-        model(x).sum().backward()
-    flops = 2 * train_macs(*forward_macs(name)) * x.shape[0]
+        out = model.train()(x)
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    flops = 2 * model_macs(name)[1] * x.shape[0]
     assert abs(counter.get_total_flops() - flops) / flops < 0.005
