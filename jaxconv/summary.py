@@ -67,7 +67,9 @@ def summary(name: str, input_size: tuple[int, int] | None = None, num_classes: i
     """A torch-style listing of model ``name``: each layer with its output shape,
     parameters and multiply-accumulates per image, subtotals per section (``features``,
     ``classifier``, ...) and the totals. FLOPs are counted as 2 x MACs (the GFLOPS that
-    torchvision's model tables quote are MACs)."""
+    torchvision's model tables quote are MACs), of the layers that inference runs: a layer
+    only training runs (GoogLeNet's and Inception-v3's auxiliary heads) is listed with
+    ``train`` in place of its MACs."""
     from jaxconv.registry import get_model, model_info
 
     info = model_info(name)
@@ -76,22 +78,24 @@ def summary(name: str, input_size: tuple[int, int] | None = None, num_classes: i
         h, w = input_size
     model = get_model(name, num_classes=num_classes)
     records, shapes = _layer_records(model, (1, h, w, c))
+    evaluated = {record[1] for record in _layer_records(model, (1, h, w, c), evaluated=True)[0]}
     params = shapes.get("params", {})
     rows, totals, sections_seen = [], {}, set()
     for section, path, module, in_shape, out_shape in records:
         n_params = _count(_subtree(params, path))
-        macs = module.macs(in_shape, out_shape)
+        # a layer that only training runs (an auxiliary head) is listed, not counted
+        macs = module.macs(in_shape, out_shape) if path in evaluated else None
         key = section or path[0]
         if section:
             sections_seen.add(section)
         sec = totals.setdefault(key, [0, 0])
         sec[0] += n_params
-        sec[1] += macs
+        sec[1] += macs or 0
         rows.append((key, "/".join(path), module.torch_repr(in_shape), "x".join(map(str, out_shape[1:])),
                      n_params, macs))
     bound = model.bind(shapes)
     blocks = [_block_of(bound, record[1]) for record in records]
-    total_params, total_macs = _count(params), sum(r[5] for r in rows)
+    total_params, total_macs = _count(params), sum(r[5] or 0 for r in rows)
     width = max(len(r[2]) for r in rows) + 2
     path_width = max(len(r[1]) for r in rows) + 2
     lines = [f"{name}: input {h}x{w}x{c}, {total_params:,} parameters, {_human(total_macs)} MACs "
@@ -104,13 +108,16 @@ def summary(name: str, input_size: tuple[int, int] | None = None, num_classes: i
             if key in sections_seen:
                 lines += [f"{key}:", header]
         label = f"  {path:<{path_width}}" if key in sections_seen else f"{path:<{path_width + 2}}"
-        lines.append(f"{label}{text:<{width}}{out:>14}{n_params:>14,}{_human(macs):>10}")
+        shown = "train" if macs is None else _human(macs)
+        lines.append(f"{label}{text:<{width}}{out:>14}{n_params:>14,}{shown:>10}")
         if blocks[i] is not None and (i + 1 == len(rows) or blocks[i + 1] != blocks[i]):
             lines.append(_block_line(blocks, rows, i, params, key in sections_seen, path_width, width))
         if key in sections_seen and (i + 1 == len(rows) or rows[i + 1][0] != key):
             lines.append(f"  {key}: {totals[key][0]:,} parameters, {_human(totals[key][1])} MACs")
     lines += ["", f"total: {total_params:,} parameters, {_human(total_macs)} MACs, "
                   f"{_human(2 * total_macs)} FLOPs per image"]
+    if any(r[5] is None for r in rows):
+        lines.append("MACs 'train': a layer that only runs in training (not in the MAC totals)")
     return "\n".join(lines)
 
 
@@ -134,11 +141,11 @@ def _block_of(root: nn.Module, path: tuple[str, ...]):
 def _block_line(blocks, rows, i, params, indent: bool, path_width: int, width: int) -> str:
     """The subtotal line of the block that ends at row ``i``: its parameters and MACs."""
     path, label = blocks[i]
-    macs = sum(r[5] for r, b in zip(rows, blocks) if b is not None and b[0] == path)
+    macs = [r[5] for r, b in zip(rows, blocks) if b is not None and b[0] == path]
+    shown = "train" if all(m is None for m in macs) else _human(sum(m or 0 for m in macs))
     text = f"= {'/'.join(path)}: {label}"
     pad = path_width + (2 if indent else 0)
-    return (f"  {'':<{pad}}{text:<{width + 14}}{_count(_subtree(params, path)):>14,}"
-            f"{_human(macs):>10}")
+    return f"  {'':<{pad}}{text:<{width + 14}}{_count(_subtree(params, path)):>14,}{shown:>10}"
 
 
 def intermediates(model: nn.Module, variables: Any, x, train: bool = False,

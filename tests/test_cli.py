@@ -61,3 +61,14 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "jaxconv.cli", "summary", "lenet5"], capture_output=True,
                          text=True, check=True).stdout
     assert "total: 44,426 parameters" in out  # 156 + 2416 + 30840 + 10164 + 850, the seed's listing
+
+
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_summary_macs_are_inferences_with_auxiliary_heads_listed(capsys, name):
+    # torchvision's published cost is an eval-mode call's: the auxiliary heads (listed,
+    # they hold parameters) run only in training and are left out of the MAC totals
+    code, out, _ = run_cli(capsys, "summary", name)
+    published = torchvision.models.get_model_weights(name).IMAGENET1K_V1.meta["_ops"]
+    assert re.search(r"^total: [\d,]+ parameters, ([\d.]+)G MACs", out, re.M).group(1) == f"{published:.2f}"
+    aux_rows = [line for line in out.splitlines() if line.strip().startswith(("aux", "AuxLogits"))]
+    assert aux_rows and all(line.split()[-1] == "train" for line in aux_rows)
