@@ -57,6 +57,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -592,13 +593,24 @@ def main(argv=None) -> int:
     best = max(peak.values())
     print(f"# {args.dtype} matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()), flush=True)
 
-    rows = []
+    rows, failed = [], {}
+    result = {"machine": info, "args": vars(args), "matmul_peak_gflops": peak, "rows": rows,
+              "failed": failed, "complete": False}
     for name in args.models:
         t0 = time.perf_counter()
-        rows.append(bench_model(name, args))
-        r = rows[-1]
-        print(f"# {name} done in {time.perf_counter() - t0:.0f}s: " + ", ".join(
-            f"{k} {v['jax'] / v['torch']:.2f}x" for k, v in r.items() if isinstance(v, dict)), flush=True)
+        try:
+            r = bench_model(name, args)
+        except Exception as e:  # noqa: BLE001  (one model failing, e.g. out of GPU memory, leaves the rest)
+            failed[name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            print(f"# {name} FAILED after {time.perf_counter() - t0:.0f}s: {failed[name]}", flush=True)
+        else:
+            rows.append(r)
+            print(f"# {name} done in {time.perf_counter() - t0:.0f}s: " + ", ".join(
+                f"{k} {_fmt(v['jax'])} / {_fmt(v['torch'])} img/s {v['jax'] / v['torch']:.2f}x"
+                for k, v in r.items() if isinstance(v, dict)), flush=True)
+        if args.json:  # after every model: a run cut short keeps the models it finished
+            _write_json(args.json, result)
     # measured again after the models, each side's better figure kept: a peak measured
     # under a moment's load would make every "% peak" too high and "ratio at peak" too low
     again = matmul_peak(args.device, args.dtype)
@@ -606,7 +618,7 @@ def main(argv=None) -> int:
           flush=True)
     peak = {k: max(v, again[k]) for k, v in peak.items()}
     best = max(peak.values())
-    result = {"machine": info, "args": vars(args), "matmul_peak_gflops": peak, "rows": rows}
+    result["matmul_peak_gflops"] = peak
 
     print()
     print(f"{args.device} {args.dtype}: images/s jaxconv / torchvision (ratio > 1: jaxconv faster); "
@@ -632,10 +644,20 @@ def main(argv=None) -> int:
               f"({s['torch'] / s['jax_scan']:.2f}x), as a loop of jitted steps {s['jax_loop']:.2f}s "
               f"({s['torch'] / s['jax_loop']:.2f}x), {UNROLL} unrolled steps per call {s['jax_unrolled']:.2f}s "
               f"({s['torch'] / s['jax_unrolled']:.2f}x) (ratio: torch time / jaxconv time)")
+    if failed:
+        print("\nFAILED (left out of the table): " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    result["complete"] = True
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+        _write_json(args.json, result)
+    return 1 if failed else 0
+
+
+def _write_json(path: str, result: dict) -> None:
+    """Write ``result`` whole or not at all (a temporary file beside ``path``, then renamed)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,37 @@ def test_train_step_flops_match_torchs_flop_counter(name):
         sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
     flops = 2 * model_macs(name)[1] * x.shape[0]
     assert abs(counter.get_total_flops() - flops) / flops < 0.005
+
+
+def test_a_failing_model_is_reported_and_every_finished_one_is_saved_as_it_ends(tmp_path, monkeypatch, capsys):
+    import json
+
+    from jaxconv import bench
+
+    out = tmp_path / "bench.json"
+    saved_before = {}
+
+    def fake_bench_model(name, args):
+        if name == "alexnet":
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        if name == "resnet18":  # by now the file holds the models that finished
+            saved_before[name] = json.loads(out.read_text())
+        ratio = {"jax": 2.0, "torch": 1.0}
+        return {"model": name, "infer1": ratio, "infer16": ratio, "train32": ratio, "train_batch": 32,
+                "gmacs": 1.0, "train_gmacs": 3.0}
+
+    monkeypatch.setattr(bench, "bench_model", fake_bench_model)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: {"jax": 100.0, "torch": 90.0})
+    rc = bench.main(["--models", "lenet5", "alexnet", "resnet18", "--no-epoch", "--no-compile-time",
+                     "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 1
+    partial = saved_before["resnet18"]
+    assert [r["model"] for r in partial["rows"]] == ["lenet5"] and not partial["complete"]
+    assert "RESOURCE_EXHAUSTED" in partial["failed"]["alexnet"]
+    final = json.loads(out.read_text())
+    assert [r["model"] for r in final["rows"]] == ["lenet5", "resnet18"] and final["complete"]
+    assert "alexnet FAILED" in printed and "FAILED (left out of the table): alexnet" in printed
+    table_lines = [line for line in printed.splitlines() if line.startswith(("lenet5", "alexnet", "resnet18"))]
+    assert [line.split()[0] for line in table_lines] == ["lenet5", "resnet18"]
+    assert not (tmp_path / "bench.json.tmp").exists()
