@@ -59,9 +59,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
-import numpy as np  # noqa: E402
+import jaxconv  # noqa: E402,I001  (first: malloc, XLA flags and the compilation cache, before any thread starts)
 
-import jaxconv  # noqa: E402,F401  (XLA flags and the compilation cache before JAX starts)
+import numpy as np  # noqa: E402
 
 MODELS = ("lenet5", "alexnet", "vgg16", "resnet18", "resnet50", "resnext50_32x4d", "densenet121",
           "googlenet", "efficientnet_b0")
@@ -493,6 +493,7 @@ def machine() -> dict:
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "jax_devices": str(jax.devices()), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "malloc": " ".join(f"{k}={v}" for k, v in jaxconv.runtime.settings()["malloc"].items()) or "glibc default",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:    # the model name, and the vector extensions: oneDNN and XLA pick kernels by them
         for line in open("/proc/cpuinfo"):
