@@ -584,6 +584,13 @@ def main(argv=None) -> int:
         args.min_round = 0.2 if args.device == "gpu" else 1.0
 
     import torch
+    if args.device == "gpu":  # both sides must see one, or no figure would compare like with like
+        import jax
+        missing = [f"JAX ({', '.join(sorted({d.platform for d in jax.devices()}))} only)"
+                   if not any(d.platform == "gpu" for d in jax.devices()) else "",
+                   "PyTorch (torch.cuda.is_available() is False)" if not torch.cuda.is_available() else ""]
+        if any(missing):
+            p.error("--device gpu: no GPU visible to " + " or ".join(m for m in missing if m))
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
     info = machine()

@@ -67,3 +67,15 @@ def test_a_failing_model_is_reported_and_every_finished_one_is_saved_as_it_ends(
     table_lines = [line for line in printed.splitlines() if line.startswith(("lenet5", "alexnet", "resnet18"))]
     assert [line.split()[0] for line in table_lines] == ["lenet5", "resnet18"]
     assert not (tmp_path / "bench.json.tmp").exists()
+
+
+def test_asking_for_a_gpu_where_a_side_has_none_is_a_clear_error(capsys):
+    import jax
+
+    from jaxconv import bench
+    if torch.cuda.is_available() and any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("both sides see a GPU here")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--device", "gpu", "--models", "lenet5", "--no-epoch", "--no-compile-time"])
+    assert exit_.value.code == 2
+    assert "--device gpu: no GPU visible to" in capsys.readouterr().err
