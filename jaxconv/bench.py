@@ -38,6 +38,10 @@ What it measures, per model:
   loop's body about 3x slower than the same ops outside a loop, so on a CPU the scan
   loses and unrolled steps win; on a GPU the scan wins.)
 
+A model that fails (out of memory, say) is reported and left out of the table, the others
+still run, and the exit status is 1. ``--json`` is rewritten after every model, so a run
+cut short keeps the models it finished.
+
 ``--device gpu`` runs both on the first GPU (PyTorch on cuda); ``--dtype bfloat16``
 computes in bfloat16 with float32 parameters on both sides (``dtype=jnp.bfloat16``
 against ``torch.autocast``). Float32 uses each framework's default matmul/conv
@@ -568,7 +572,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-model", default="resnet50", help="model of the compile-time probe")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: lenet5+resnet18, small batches")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    p.add_argument("--json", help="also write every figure to this file")
+    p.add_argument("--json", help="also write every figure to this file (rewritten after every model, "
+                                   "'complete': false until the run ends)")
     p.add_argument("--compile-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
