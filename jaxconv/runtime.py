@@ -201,6 +201,7 @@ def _configure_malloc() -> None:
         return
     libc = _glibc()
     if libc is None:
+        _applied["note"] += "JAXCONV_MALLOC ignored: the C library is not glibc. "
         return
     for name, (param, value) in MALLOPT.items():
         if libc.mallopt(param, value) != 1:

@@ -22,17 +22,23 @@ print(json.dumps({{"XLA_FLAGS": os.environ.get("XLA_FLAGS"), "settings": jaxconv
 """
 
 
-def _run(env_extra, before="", cache=None, tmp_path=None):
+def _python(program, env_extra, cache=None):
+    """Run ``program`` in a fresh interpreter with none of the settings jaxconv.runtime reads
+    (the compilation cache off unless ``cache``), plus ``env_extra``; its last line of
+    output, as JSON, and its stderr."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAXCONV_XLA_FLAGS", "JAXCONV_COMPILATION_CACHE",
                         "JAXCONV_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
     env["JAXCONV_COMPILATION_CACHE"] = str(cache) if cache else "0"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra)
-    proc = subprocess.run([sys.executable, "-c", REPORT.format(before=before)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def _run(env_extra, before="", cache=None):
+    return _python(REPORT.format(before=before), env_extra, cache)
 
 
 needs_flag = pytest.mark.skipif(not runtime.xla_knows_flag(runtime.YNN_FLAG),
@@ -123,11 +129,7 @@ def test_default_fusion_type_keeps_batchnorm_and_relu_in_xlas_loops():
     """With jaxconv's flag every YNNPACK fusion is one matrix product. Under ``=dot`` a fusion
     grew over whole ResNet stages, convolutions included, and took each BatchNorm's scale
     and shift and each ReLU's zero as full-size inputs, written to memory first."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXCONV_XLA_FLAGS")}
-    env.update(JAXCONV_COMPILATION_CACHE="0", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", FUSIONS], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, _ = _python(FUSIONS, {})
     assert out["ynn_ops"] and all(ops == ["dot"] for ops in out["ynn_ops"]), out["ynn_ops"]
     assert out["full_size_broadcasts"] == []
 
@@ -136,7 +138,7 @@ FAULTS = """
 import json, resource, statistics
 import jaxconv
 import jax, jax.numpy as jnp
-# XLA:CPU takes this program's two 32 MB buffers from malloc at every call
+# XLA:CPU takes this program's buffers (32 MB and 16 MB) from malloc at every call
 f = jax.jit(lambda x: (jnp.sin(x) @ x.T).sum())
 x = jnp.ones((2048, 4096))
 faults = []
@@ -149,12 +151,7 @@ print(json.dumps({"faults": statistics.median(faults), "settings": jaxconv.runti
 
 
 def _faults(env_extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAXCONV_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
-    env.update(JAXCONV_COMPILATION_CACHE="0", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), **env_extra)
-    proc = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _python(FAULTS, env_extra)[0]
 
 
 @pytest.mark.skipif(runtime._glibc() is None, reason="malloc parameters are set on glibc only")
@@ -162,7 +159,7 @@ def test_malloc_on_request_keeps_xlas_buffers_so_calls_take_no_page_faults():
     default, on = _faults({}), _faults({"JAXCONV_MALLOC": "1"})
     assert default["settings"]["malloc"] == {}
     assert on["settings"]["malloc"] == {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": -1}
-    # glibc's default maps and unmaps both 32 MB buffers at every call: 16,384 pages of 4 kB
+    # glibc's default maps and unmaps both buffers at every call: 12,288 pages of 4 kB
     assert default["faults"] > 8000, default
     assert on["faults"] < default["faults"] / 20, (on, default)
     assert _faults({"JAXCONV_MALLOC": "0"})["settings"]["malloc"] == {}
