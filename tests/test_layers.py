@@ -245,11 +245,13 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
     (16, 24, 1, 1, 1, 1, 1),                               # padded 1x1: XLA's convolution
     (16, 24, 1, 3, 1, 1, 1), (16, 24, 1, 3, 2, 1, 1), (3, 8, 1, 7, 2, 3, 1),  # dense
     (8, 8, 1, 3, 1, 2, 2), (6, 16, 1, 5, 1, 0, 1), (3, 5, 1, (5, 3), 1, (2, 0), 1),  # dense, im2col input gradient
+    (6, 8, 1, 7, 1, 0, 1), (4, 8, 1, 5, 1, 1, 2), (3, 5, 1, (3, 7), 1, (1, 0), 1),  # ... banded rows (narrow input)
 ])
 def test_cpu_convolution_paths_and_their_gradients_match_torch_in_float32(cin, cout, groups, k, s, p, d):
     # float32 grouped, depthwise and one-input-channel convolutions take layers.convolve's
     # CPU path (tap sums and their own gradients), unpadded 1x1 ones a dot;
-    # dense stride-1 ones with at most 8 input channels take the input's gradient from im2col
+    # dense stride-1 ones with at most 8 input channels take the input's gradient from im2col,
+    # or from banded rows where the input is at most BANDED_MAX_WIDTH_RATIO x the kernel's span wide
     rng = np.random.default_rng(cin + cout + groups)
     x = rng.standard_normal((3, 17, 20, cin)).astype(np.float32)
     conv = layers.Conv2d(cout, k, stride=s, padding=p, dilation=d, groups=groups)
@@ -363,7 +365,8 @@ def test_dense_convolution_forward_mode_is_xlas(stride):
 
 _CONVOLUTION_KINDS = [   # x shape, kernel shape, stride, padding, groups
     ((2, 9, 8, 16), (3, 3, 16, 8), (2, 2), ((1, 1), (1, 0)), 1),   # dense: XLA's, terms in XLA:CPU's order
-    ((2, 9, 8, 5), (3, 3, 5, 7), (1, 1), ((1, 2), (0, 1)), 1),      # dense, the im2col input term
+    ((2, 9, 8, 5), (3, 3, 5, 7), (1, 1), ((1, 2), (0, 1)), 1),      # dense, the banded-rows input term
+    ((2, 9, 13, 5), (3, 3, 5, 7), (1, 1), ((1, 2), (0, 1)), 1),     # dense, the im2col input term
     ((2, 9, 8, 16), (1, 1, 16, 8), (2, 2), ((0, 0), (0, 0)), 1),    # 1x1: a dot
     ((2, 9, 8, 8), (3, 3, 1, 8), (2, 2), ((1, 1), (1, 1)), 8),      # depthwise: tap sums
     ((2, 9, 8, 8), (3, 3, 2, 8), (1, 1), ((1, 1), (1, 1)), 4),      # grouped: tap sums
@@ -408,15 +411,17 @@ def test_convolution_gradient_is_traced_without_conditionals(x_shape, kernel_sha
     assert dx.shape == (0, *x_shape[1:]) and dk.shape == kernel_shape and not np.asarray(dk).any()
 
 
-@pytest.mark.parametrize("cin,stride,platform,convolutions,dots", [
-    (6, 1, "cpu", 1, 1),      # the input's gradient: a GEMM to 5 x 5 x 6 columns, no convolution
-    (6, 1, "cuda", 2, 0),     # XLA's convolution off CPU
-    (6, 2, "cpu", 2, 0),      # strided: XLA's
-    (16, 1, "cpu", 2, 0),     # more than IM2COL_MAX_INPUT_CHANNELS: XLA's
+@pytest.mark.parametrize("cin,width,stride,platform,convolutions,dots", [
+    (6, 12, 1, "cpu", 1, 1),      # the input's gradient: a GEMM to 5 rows x 12 x 6 columns (banded rows)
+    (6, 40, 1, "cpu", 1, 1),      # wider than BANDED_MAX_WIDTH_RATIO x 5: a GEMM to 5 x 5 x 6 columns (im2col)
+    (6, 12, 1, "cuda", 2, 0),     # XLA's convolution off CPU
+    (6, 12, 2, "cpu", 2, 0),      # strided: XLA's
+    (16, 12, 1, "cpu", 2, 0),     # more than IM2COL_MAX_INPUT_CHANNELS: XLA's
 ])
-def test_few_channel_convolution_input_gradient_is_a_dot_on_cpu_only(cin, stride, platform, convolutions, dots):
+def test_few_channel_convolution_input_gradient_is_a_dot_on_cpu_only(cin, width, stride, platform, convolutions,
+                                                                     dots):
     conv = layers.Conv2d(16, 5, stride=stride, use_bias=False)
-    x = jnp.zeros((2, 12, 12, cin))
+    x = jnp.zeros((2, 12, width, cin))
     variables = conv.init(jax.random.key(0), x)
     input_gradient = jax.grad(lambda a: jnp.sum(conv.apply(variables, a) ** 2))
     text = jax.jit(input_gradient).trace(x).lower(lowering_platforms=(platform,)).as_text()
