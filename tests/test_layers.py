@@ -293,6 +293,20 @@ def test_grouped_convolution_is_xlas_own_off_cpu():
     assert cpu.count("stablehlo.multiply") >= 2 * 9 * 4
 
 
+def test_pointwise_kernel_gradient_reads_both_operands_as_they_lie():
+    # the 1x1 kernel gradient contracts input and gradient rows over their leading axis; as
+    # the dot's transpose XLA:CPU read the gradient across, behind a transposed copy of it
+    # (EfficientNet-B0's 16 -> 96 expansion at batch 32: 190 + 65 ms against 14)
+    conv = layers.Conv2d(24, 1, use_bias=False)
+    x, g, scale = jnp.zeros((4, 10, 10, 16)), jnp.zeros((4, 10, 10, 24)), jnp.zeros((24,))
+    variables = conv.init(jax.random.key(0), x)
+    gradients = jax.jit(lambda v, a, g, s: jax.vjp(conv.apply, v, a)[1](g * s + 1.0))
+    hlo = gradients.lower(variables, x, g, scale).compile().as_text()
+    kernel_dots = [line for line in hlo.splitlines() if " = f32[16,24]" in line and " dot(" in line]
+    assert len(kernel_dots) == 1
+    assert "lhs_contracting_dims={0}, rhs_contracting_dims={0}" in kernel_dots[0]
+
+
 def test_pointwise_convolution_is_a_dot_on_cpu_only():
     # an unpadded 1x1 convolution and both its gradients: dots on CPU, XLA's convolutions
     # lowered for a GPU; a padded 1x1 convolution stays a convolution everywhere
