@@ -241,6 +241,7 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
     (64, 64, 4, 3, 2, 1, 1), (48, 48, 3, 3, 1, 2, 2),      # 16 channels a group: XLA's forward
     (24, 24, 24, 5, 2, 2, 1), (16, 32, 16, 3, 1, 1, 1),    # depthwise, and with a multiplier of 2
     (8, 8, 8, 3, 1, 3, 1), (12, 12, 4, (3, 1), (2, 1), (1, 0), 1),  # padding beyond the kernel; 3x1
+    (4, 8, 4, 2, 4, 0, 1),                                 # stride beyond the kernel: rows no tap meets
     (16, 24, 1, 1, 1, 0, 1), (16, 24, 1, 1, 2, 0, 1), (16, 24, 1, 1, (2, 3), 0, 1),  # 1x1: a dot
     (16, 24, 1, 1, 1, 1, 1),                               # padded 1x1: XLA's convolution
     (16, 24, 1, 3, 1, 1, 1), (16, 24, 1, 3, 2, 1, 1), (3, 8, 1, 7, 2, 3, 1),  # dense
