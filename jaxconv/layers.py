@@ -361,22 +361,22 @@ def _grouped_input_gradient(g, kernel, input_shape, stride, padding, dilation, g
 def _grouped_kernel_gradient(x, g, kernel_shape, stride, padding, dilation, groups):
     kh, kw, cin_group, cout = kernel_shape
     n, h, w, cin = x.shape
-    # Kernel gradient: for each group, correlate the input (batch as channels) with the
-    # output gradient (batch as input channels); the result's batch axis is the kernel's
-    # input channel.
     # Only the input rows and columns that some kernel offset meets: with a stride, the
     # padded input can end in some that none does, and XLA would compute a (kh + 1) x (kw
     # + 1) result for a kh x kw kernel (EfficientNet-B0's 3x3 stride-2 depthwise layer at
     # 112x112x96: 16 offsets for 9). The high padding is cut to the last row met, or the
-    # input cropped where that row lies inside it. Kernel gradient alone, batch 32, three
-    # runs each: that layer 210-224 -> 194-198 ms (its convolution 94 -> 55 ms), a 3x3
-    # stride-2 grouped one at 56x56x128, 4 channels a group, 84-92 -> 69-75 ms.
+    # input cropped where that row lies inside it (or before it). Kernel gradient alone,
+    # batch 32, three runs each: that layer 210-224 -> 194-198 ms (its convolution 94 -> 55
+    # ms), a 3x3 stride-2 grouped one at 56x56x128, 4 channels a group, 84-92 -> 69-75 ms.
     oh, ow = g.shape[1:3]
     ends = [(k - 1) * d + (o - 1) * s + 1 for k, d, o, s in zip((kh, kw), dilation, (oh, ow), stride)]
-    highs = [end - size - lo for (lo, _), end, size in zip(padding, ends, (h, w))]
-    x = x[:, :h + min(highs[0], 0), :w + min(highs[1], 0)]
-    padding = tuple((lo, max(high, 0)) for (lo, _), high in zip(padding, highs))
+    kept = [min(max(end - lo, 0), size) for (lo, _), end, size in zip(padding, ends, (h, w))]
+    x = x[:, :kept[0], :kept[1]]
+    padding = tuple((min(lo, end), end - min(lo, end) - keep) for (lo, _), end, keep in zip(padding, ends, kept))
     n, h, w, cin = x.shape
+    # Kernel gradient: for each group, correlate the input (batch as channels) with the
+    # output gradient (batch as input channels); the result's batch axis is the kernel's
+    # input channel.
     lhs = (x.reshape(n, h, w, groups, cin_group).transpose(4, 1, 2, 3, 0)
            .reshape(cin_group, h, w, groups * n))
     rhs = g.transpose(1, 2, 0, 3)
@@ -510,7 +510,9 @@ def _input_term_cpu(x_dot, kernel, *, stride, padding, dilation, groups):
     Where the padded input is at most ``BANDED_MAX_WIDTH_RATIO`` times the kernel's span
     wide, the banded-rows form (:func:`_banded_rows_conv`) takes im2col's place: its
     transpose sums kh blocks of whole rows instead of kh x kw blocks of a few channels
-    (LeNet5's train step, batch 256: 10.1 -> 7.7 ms; its epoch 1.11x -> 1.44x torch's)."""
+    (LeNet5's train step, batch 256: 10.1 -> 7.7 ms in the profiler; in the benchmark, old
+    and new processes alternating twice, its train ratio 1.06-1.08x -> 1.31-1.33x and its
+    epoch's 1.16x -> 1.48-1.67x)."""
     if _is_pointwise(kernel.shape, padding):
         return _pointwise_dot(x_dot, kernel, stride)
     if kernel.shape[2] <= IM2COL_MAX_INPUT_CHANNELS and stride == (1, 1):

@@ -386,6 +386,7 @@ _CONVOLUTION_KINDS = [   # x shape, kernel shape, stride, padding, groups
     ((2, 9, 8, 8), (3, 3, 1, 8), (2, 2), ((1, 1), (1, 1)), 8),      # depthwise: tap sums
     ((2, 9, 8, 8), (3, 3, 2, 8), (1, 1), ((1, 1), (1, 1)), 4),      # grouped: tap sums
     ((2, 9, 8, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), 1),      # one input channel: a tap sum
+    ((2, 3, 3, 4), (1, 1, 1, 4), (10, 10), ((2, 0), (2, 0)), 4),    # depthwise, the one window all padding
 ]
 
 
