@@ -233,8 +233,8 @@ def _configure_cache() -> None:
 
 
 def configure() -> dict[str, Any]:
-    """Apply jaxconv's XLA flags and compilation cache (idempotent); see the module
-    docstring. Called by ``import jaxconv``."""
+    """Apply jaxconv's malloc parameters (where ``JAXCONV_MALLOC=1``), XLA flags and
+    compilation cache (idempotent); see the module docstring. Called by ``import jaxconv``."""
     if not _applied.get("done"):
         _configure_malloc()
         _configure_flags()

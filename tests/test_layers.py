@@ -427,21 +427,23 @@ def test_convolution_gradient_is_traced_without_conditionals(x_shape, kernel_sha
     assert dx.shape == (0, *x_shape[1:]) and dk.shape == kernel_shape and not np.asarray(dk).any()
 
 
-@pytest.mark.parametrize("cin,width,stride,platform,convolutions,dots", [
-    (6, 12, 1, "cpu", 1, 1),      # the input's gradient: a GEMM to 5 rows x 12 x 6 columns (banded rows)
-    (6, 40, 1, "cpu", 1, 1),      # wider than BANDED_MAX_WIDTH_RATIO x 5: a GEMM to 5 x 5 x 6 columns (im2col)
-    (6, 12, 1, "cuda", 2, 0),     # XLA's convolution off CPU
-    (6, 12, 2, "cpu", 2, 0),      # strided: XLA's
-    (16, 12, 1, "cpu", 2, 0),     # more than IM2COL_MAX_INPUT_CHANNELS: XLA's
+@pytest.mark.parametrize("cin,width,stride,platform,convolutions,dots,gemm", [
+    (6, 12, 1, "cpu", 1, 1, "-> tensor<16x360xf32>"),  # the input's gradient: a GEMM to 5 rows x 12 x 6 (banded rows)
+    (6, 40, 1, "cpu", 1, 1, "x25x6xf32>"),   # wider than BANDED_MAX_WIDTH_RATIO x 5: to 5 x 5 taps x 6 (im2col)
+    (6, 12, 1, "cuda", 2, 0, None),          # XLA's convolution off CPU
+    (6, 12, 2, "cpu", 2, 0, None),           # strided: XLA's
+    (16, 12, 1, "cpu", 2, 0, None),          # more than IM2COL_MAX_INPUT_CHANNELS: XLA's
 ])
 def test_few_channel_convolution_input_gradient_is_a_dot_on_cpu_only(cin, width, stride, platform, convolutions,
-                                                                     dots):
+                                                                     dots, gemm):
     conv = layers.Conv2d(16, 5, stride=stride, use_bias=False)
     x = jnp.zeros((2, 12, width, cin))
     variables = conv.init(jax.random.key(0), x)
     input_gradient = jax.grad(lambda a: jnp.sum(conv.apply(variables, a) ** 2))
     text = jax.jit(input_gradient).trace(x).lower(lowering_platforms=(platform,)).as_text()
     assert (text.count("stablehlo.convolution"), text.count("stablehlo.dot_general")) == (convolutions, dots)
+    if gemm:
+        assert gemm in next(line for line in text.splitlines() if "stablehlo.dot_general" in line)
 
 
 def test_few_channel_convolution_input_gradient_is_held_on_cpu():
