@@ -101,6 +101,84 @@ def test_resume_is_bit_identical(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [3, 4, 6, 8]
 
 
+def _close_trees(a, b, rtol=1e-5, atol=1e-6) -> bool:
+    return jax.tree.all(jax.tree.map(lambda x, y: np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
+                                     a, b))
+
+
+def test_steps_per_call_runs_the_same_steps(tmp_path, monkeypatch):
+    from jaxconv.train import loop
+
+    calls = []
+    real = loop.make_train_steps
+
+    def counting(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def call(state, metrics, images, labels):
+            calls.append(len(images))
+            return fn(state, metrics, images, labels)
+        return call
+
+    monkeypatch.setattr(loop, "make_train_steps", counting)
+    loop._train_functions.cache_clear()
+    # 96 images / 16 = 6 steps an epoch; logs and checkpoints every 7 steps, 14 in all: calls
+    # of 3 steps must end at 6, 7, 12 and 14, so the loop runs 3-step calls for steps 1-3,
+    # 4-6 and 8-10 and single steps for the rest
+    base = dict(SMALL, steps=14, log_every=7, checkpoint_every=7, keep=10)
+    one = train(TrainConfig(**base), out=str(tmp_path / "one"))
+    assert calls == []
+    three = train(TrainConfig(**dict(base, steps_per_call=3)), out=str(tmp_path / "three"))
+    assert calls == [3, 3, 3]
+    assert three.step == 14 and int(to_host(three.state.step)) == 14
+    assert _close_trees(to_host(one.state.params), to_host(three.state.params))
+    rows = lambda r: [(h["step"], round(h["loss"], 4), h["accuracy"]) for h in r.history]
+    assert [row[0] for row in rows(three)] == [6, 7, 12, 14]
+    assert rows(three) == rows(one)
+    assert sorted(os.listdir(tmp_path / "three" / "checkpoints"), key=int) == ["7", "14"]
+    # stopped after step 8 (inside what would have been a call) and resumed
+    calls.clear()
+    part = train(TrainConfig(**dict(base, steps_per_call=3)), out=str(tmp_path / "part"), stop_after=8)
+    assert part.step == 8 and calls == [3, 3]
+    resumed = train(TrainConfig(**dict(base, steps_per_call=3)), out=str(tmp_path / "part"), resume=True)
+    assert calls == [3, 3, 3]
+    assert _close_trees(to_host(three.state.params), to_host(resumed.state.params))
+    with pytest.raises(ValueError, match="--steps-per-call 0: must be at least 1"):
+        train(TrainConfig(**dict(base, steps_per_call=0)), out=str(tmp_path / "zero"))
+    assert not (tmp_path / "zero").exists()
+
+
+def test_make_train_steps_matches_single_steps():
+    from jaxconv.data.datasets import get_dataset
+    from jaxconv.train.distributed import data_mesh
+    from jaxconv.train.loop import setup_model
+    from jaxconv.train.state import init_state
+    from jaxconv.train.step import make_train_step, make_train_steps, zero_metrics
+
+    ds = get_dataset("synthetic", "train", n=48)
+    setup = setup_model("lenet5", ds)
+    tx = optax.sgd(0.05, momentum=0.9)
+    mesh = data_mesh()
+    state = init_state(setup.model, tx, 0, (28, 28, 1))
+    rng = np.random.default_rng(0)
+    images = tuple(jnp.asarray(rng.standard_normal((8, 28, 28, 1)), jnp.float32) for _ in range(3))
+    labels = tuple(jnp.asarray(rng.integers(0, 10, 8), jnp.int32) for _ in range(3))
+    copy = lambda t: jax.tree.map(jnp.array, t)
+    one = make_train_step(setup.model, tx, "lenet5", mesh)
+    a, ma = copy(state), zero_metrics()
+    for x, y in zip(images, labels):
+        a, ma = one(a, ma, x, y)
+    three = make_train_steps(setup.model, tx, "lenet5", mesh, 3)
+    b, mb = three(copy(state), zero_metrics(), images, labels)
+    assert int(b.step) == 3
+    assert _close_trees(to_host(a.params), to_host(b.params))
+    assert _close_trees(to_host(ma), to_host(mb))
+    with pytest.raises(ValueError, match="expected 3 batches of images and labels, got 2 and 2"):
+        three(copy(state), zero_metrics(), images[:2], labels[:2])
+    with pytest.raises(ValueError, match="steps per call must be at least 1, got 0"):
+        make_train_steps(setup.model, tx, "lenet5", mesh, 0)
+
+
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"NaN or infinite at step \d+ .*last good checkpoint is step \d+"):
         train(TrainConfig(**dict(SMALL, steps=40, lr=1e6, momentum=0.0, checkpoint_every=1, log_every=1)),
@@ -165,8 +243,10 @@ def test_cli_train_and_eval(tmp_path, capsys):
 
     out = str(tmp_path / "cli")
     assert main(["train", "--model", "lenet5", "--data", "synthetic", "--synthetic-size", "96", "--steps", "8",
-                 "--batch-size", "16", "--lr", "0.05", "--threads", "1", "--out", out, "--no-progress", "--eval-every", "0"]) == 0
+                 "--batch-size", "16", "--lr", "0.05", "--threads", "1", "--out", out, "--no-progress", "--eval-every", "0",
+                 "--steps-per-call", "4"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["steps_per_call"] == 4
     assert re.fullmatch(r"top1 \d\.\d{4} top5 \d\.\d{4}", last)
     assert main(["eval", "--model", "lenet5", "--data", "synthetic", "--weights",
                  os.path.join(out, "variables.npz")]) == 0

@@ -15,7 +15,7 @@ _EXPORTS = {
                            "setup_model", "train"),
     "jaxconv.train.optim": ("OptimConfig", "make_optimizer", "make_schedule"),
     "jaxconv.train.state": ("TrainState", "init_state"),
-    "jaxconv.train.step": ("make_eval_step", "make_train_step", "train_step_fn"),
+    "jaxconv.train.step": ("make_eval_step", "make_train_step", "make_train_steps", "train_step_fn"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -51,7 +51,7 @@ def _train(args) -> int:
         clip_norm=args.clip_norm, label_smoothing=args.label_smoothing, augment=args.augment,
         image_size=args.image_size, eval_crop=args.eval_crop, eval_every=args.eval_every, dtype=args.dtype,
         seed=args.seed, out=out, checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
-        log_every=args.log_every, threads=args.threads, workers=args.workers, progress=not args.no_progress,
+        log_every=args.log_every, steps_per_call=args.steps_per_call, threads=args.threads, workers=args.workers, progress=not args.no_progress,
         stop_after=args.stop_after, devices=args.devices)
     if args.data == "synthetic":
         cfg.data_options = {"n": args.synthetic_size} if args.synthetic_size else {}
@@ -112,6 +112,9 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--stop-after", type=int, help="run at most this many steps now, checkpoint and exit")
     p.add_argument("--log-every", type=int, default=50, help="steps between metric fetches")
+    p.add_argument("--steps-per-call", type=int, default=1,
+                   help="train steps per jitted call, as one lax.scan (faster on a CPU, where each call "
+                        "faults its buffers in afresh; calls still end at every log, epoch and checkpoint)")
     p.add_argument("--workers", type=int, default=0, help="grain worker processes (0: threads only)")
     p.add_argument("--synthetic-size", type=int, help="records in the synthetic training set")
     p.add_argument("--no-progress", action="store_true")

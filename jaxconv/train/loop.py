@@ -33,7 +33,7 @@ from jaxconv.train.distributed import data_mesh, is_main, replicate, to_host
 from jaxconv.train.metrics import JsonlWriter, ProgressBar, plot_curves
 from jaxconv.train.optim import OptimConfig, make_optimizer
 from jaxconv.train.state import TrainState, init_state
-from jaxconv.train.step import make_eval_step, make_train_step, zero_eval_sums, zero_metrics
+from jaxconv.train.step import make_eval_step, make_train_step, make_train_steps, zero_eval_sums, zero_metrics
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 # float64 (parameters, statistics and compute; needs jax_enable_x64) is for exact checks:
@@ -77,6 +77,8 @@ class TrainConfig:
     keep: int = 3
     resume: bool = False
     log_every: int = 50
+    steps_per_call: int = 1               # train steps per jitted call (k > 1: one lax.scan over k batches,
+                                          # make_train_steps; calls end at every log, epoch and checkpoint)
     threads: int = 2
     workers: int = 0
     progress: bool = True
@@ -125,14 +127,17 @@ def _get_model(name: str, num_classes: int, options: tuple):
 
 @functools.lru_cache(maxsize=8)
 def _train_functions(model, model_name: str, optim: OptimConfig, total: int, label_smoothing: float,
-                     compute_dtype, mesh, seed: int, input_shape: tuple):
-    """``(tx, schedule, init, step)`` for a run; cached, so an identical run reuses compilations."""
+                     compute_dtype, mesh, seed: int, input_shape: tuple, steps_per_call: int):
+    """``(tx, schedule, init, step, steps)`` for a run (``steps``: ``steps_per_call`` steps a
+    call, or None); cached, so an identical run reuses compilations."""
     tx, schedule = make_optimizer(optim, total)
     init = jax.jit(functools.partial(init_state, model, tx, seed, input_shape),
                    out_shardings=NamedSharding(mesh, P()))
     step = make_train_step(model, tx, model_name, mesh, label_smoothing=label_smoothing,
                            compute_dtype=compute_dtype)
-    return tx, schedule, init, step
+    steps = (make_train_steps(model, tx, model_name, mesh, steps_per_call, label_smoothing=label_smoothing,
+                              compute_dtype=compute_dtype) if steps_per_call > 1 else None)
+    return tx, schedule, init, step, steps
 
 
 @functools.lru_cache(maxsize=8)
@@ -247,6 +252,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     mesh = data_mesh(jax.devices()[:cfg.devices] if cfg.devices else None)
     if cfg.batch_size % mesh.size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {mesh.size} devices")
+    if cfg.steps_per_call < 1:
+        raise ValueError(f"--steps-per-call {cfg.steps_per_call}: must be at least 1")
     if cfg.batch_size % jax.process_count():
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {jax.process_count()} processes")
     train_ds = get_dataset(cfg.data, "train", data_dir=cfg.data_dir, **cfg.data_options)
@@ -261,9 +268,9 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
                         milestones=tuple(int(round(m * spe)) for m in cfg.milestones), gamma=cfg.gamma,
                         clip_norm=cfg.clip_norm)
     h, w = setup.image_size
-    tx, schedule, make_state, step_fn = _train_functions(setup.model, cfg.model, optim, total, cfg.label_smoothing,
-                                                         setup.compute_dtype, mesh, cfg.seed,
-                                                         (h, w, setup.in_channels))
+    tx, schedule, make_state, step_fn, steps_fn = _train_functions(
+        setup.model, cfg.model, optim, total, cfg.label_smoothing, setup.compute_dtype, mesh, cfg.seed,
+        (h, w, setup.in_channels), cfg.steps_per_call)
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
 
@@ -304,6 +311,11 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         if writer:
             writer.write(record)
 
+    def next_stop(s):   # the next step after s at which the host must see the state
+        return min(stop, *((s // every + 1) * every for every in (cfg.log_every, spe, ckpt_every)))
+
+    pending: list = []  # batches waiting for a call of steps_fn
+
     try:
         if s < stop:
             _say(cfg, f"training {cfg.model} on {cfg.data}: {len(train_ds)} images, {spe} steps/epoch, "
@@ -312,9 +324,21 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         for (images, labels), it_state in device_prefetch(it, data_sharding, cfg.batch_size):
             if s >= stop:
                 break
-            state, metrics = step_fn(state, metrics, images, labels)
-            s += 1
-            images_since += cfg.batch_size
+            if steps_fn is None:
+                state, metrics = step_fn(state, metrics, images, labels)
+                taken = 1
+            else:
+                pending.append((images, labels))
+                if len(pending) < cfg.steps_per_call and s + len(pending) < next_stop(s):
+                    continue
+                if len(pending) == cfg.steps_per_call:
+                    state, metrics = steps_fn(state, metrics, *map(tuple, zip(*pending)))
+                else:   # fewer batches than a call takes before a log, an epoch's end or a checkpoint
+                    for batch in pending:
+                        state, metrics = step_fn(state, metrics, *batch)
+                taken, pending = len(pending), []
+            s += taken
+            images_since += taken * cfg.batch_size
             epoch, in_epoch = divmod(s, spe)
             epoch_end = in_epoch == 0
             save_due = s % ckpt_every == 0 or s == stop
