@@ -20,7 +20,11 @@ What it measures, per model:
 * inference images/s at ``--batch`` sizes (default 1 and 16; 224x224, 28x28 for lenet5);
 * train-step images/s: SGD with momentum 0.9, cross-entropy (plus GoogLeNet's two
   auxiliary heads at weight 0.3 on both sides), forward + backward + update, batch
-  ``--train-batch`` (32; 256 for lenet5), jitted with the state donated;
+  ``--train-batch`` (32; 256 for lenet5), jitted with the state donated; and jaxconv's
+  again with ``--steps-per-call`` K steps in one jitted call (one ``lax.scan`` over K
+  different batches, as ``jaxconv train --steps-per-call K`` runs them), against the same
+  torch figure: on a CPU a call's buffers are faulted in afresh each call, so K steps a
+  call fault them in once;
 * with ``--compile``, ``torch.compile``'d PyTorch as a third column (slow to compile);
 * achieved GFLOP/s at the largest inference batch and in the train step, from ``jaxconv
   summary``'s MACs (2 FLOPs per MAC; a train step counts the forward, every kernel
@@ -34,9 +38,11 @@ What it measures, per model:
 * a whole Fashion-MNIST epoch of LeNet5 (60,000 images, batch 256, data in memory,
   a new permutation per epoch; random data of that shape where the dataset is not
   installed), jaxconv three ways: one jitted ``lax.scan`` over the epoch, a Python loop
-  of jitted steps, and ``UNROLL`` steps unrolled per jitted call. (XLA:CPU runs a while
-  loop's body about 3x slower than the same ops outside a loop, so on a CPU the scan
-  loses and unrolled steps win; on a GPU the scan wins.)
+  of jitted steps, and ``UNROLL`` steps unrolled per jitted call. (Until jaxconv's
+  convolutions were written in XLA:CPU's native order, a while loop's body ran about 3x
+  slower than the same ops outside a loop and the unrolled steps won on a CPU; since
+  2026-11-26 (``layers._kernel_term``) the scan has won there too in every full run but
+  the first, as on a GPU.)
 
 A model that fails (out of memory, say) is reported and left out of the table, the others
 still run, and the exit status is 1. ``--json`` is rewritten after every model, so a run
@@ -189,10 +195,24 @@ class Pair:
         return run
 
     # training -------------------------------------------------------------------------
-    def jax_train(self, batch: int):
+    def jax_train(self, batch: int, steps: int = 1):
+        """One call: ``steps`` train steps (more than one: a ``lax.scan`` over ``steps``
+        different batches stacked on the device)."""
         import jax
-        (x, y), _ = self.inputs(batch)
         tx, step = jax_train_step(self.model, self.name)
+        if steps == 1:
+            (x, y), _ = self.inputs(batch)
+        else:
+            xs, ys = zip(*(self.inputs(batch, seed)[0] for seed in range(steps)))
+            x, y = jax.device_put((np.stack(xs), np.stack(ys)), self.jdev)
+            one = step
+
+            def step(params, batch_stats, opt_state, xs, ys):
+                def body(carry, xy):
+                    *carry, loss = one(*carry, *xy)
+                    return tuple(carry), loss
+                carry, losses = jax.lax.scan(body, (params, batch_stats, opt_state), (xs, ys))
+                return (*carry, losses[-1])
         step = jax.jit(step, donate_argnums=(0, 1, 2))
         # copies: the step donates its state
         params = jax.tree.map(lambda a: a.copy(), self.variables["params"])
@@ -325,11 +345,14 @@ def bench_model(name: str, args) -> dict:
         row[f"infer{b}"] = {k: b / v for k, v in t.items()}
         del fns
     tb = args.lenet_batch if lenet else args.train_batch
+    k = args.steps_per_call
     fns = {"jax": pair.jax_train(tb), "torch": pair.torch_train(tb)}
+    if k > 1:    # in the same rounds, against the same torch figure
+        fns["jax_steps"] = pair.jax_train(tb, k)
     if args.compile:
         _add_torch_compile(fns, lambda: pair.torch_train(tb, compiled=True), f"{name} training")
     t = interleave(fns, args.rounds, args.min_round)
-    row[f"train{tb}"] = {k: tb / v for k, v in t.items()}
+    row[f"train{tb}"] = {key: (k if key == "jax_steps" else 1) * tb / v for key, v in t.items()}
     row["train_batch"] = tb
     inference, train = model_macs(name)
     row["gmacs"] = inference / 1e9
@@ -526,6 +549,8 @@ def table(rows: list, args, peak: float) -> list[list[str]]:
         if args.compile:
             head += ["vs compile"]
     head += ["train jax/torch img/s", "ratio"] + (["vs compile"] if args.compile else [])
+    if args.steps_per_call > 1:
+        head += [f"train, {args.steps_per_call} steps a call, jax/torch img/s", "ratio"]
     head += [f"GFLOP/s b{max(args.batch)} jax/torch", "% peak (jax)", "ratio at peak",
              "train GFLOP/s jax/torch", "% peak (jax)", "train ratio at peak"]
     out = [head]
@@ -536,6 +561,10 @@ def table(rows: list, args, peak: float) -> list[list[str]]:
             line += [f"{_fmt(v['jax'])} / {_fmt(v['torch'])}", f"{v['jax'] / v['torch']:.2f}x"]
             if args.compile:
                 line += [f"{v['jax'] / v['torch_compile']:.2f}x" if "torch_compile" in v else "n/a"]
+        if args.steps_per_call > 1:
+            v = r[f"train{r['train_batch']}"]
+            line += ([f"{_fmt(v['jax_steps'])} / {_fmt(v['torch'])}", f"{v['jax_steps'] / v['torch']:.2f}x"]
+                     if "jax_steps" in v else ["n/a"] * 2)
         for key, g in ((f"infer{max(args.batch)}", 2 * r["gmacs"]),
                        (f"train{r['train_batch']}", 2 * r["train_gmacs"])):
             v = r[key]
@@ -561,6 +590,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", nargs="+", type=int, default=[1, 16], help="inference batch sizes")
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--lenet-batch", type=int, default=256, help="lenet5's train batch (and the epoch's)")
+    p.add_argument("--steps-per-call", type=int, default=4,
+                   help="jaxconv's train figure again with this many steps per jitted call (1: skip)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-round", type=float, default=None, help="seconds per round (default 1 CPU, 0.2 GPU)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -583,6 +614,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.models = [m for m in args.models if m in ("lenet5", "resnet18")] or ["lenet5"]
         args.batch, args.train_batch, args.lenet_batch = [1, 2], 4, 64
+        args.steps_per_call = min(args.steps_per_call, 2)
         args.rounds, args.compile_model = min(args.rounds, 2), "resnet18"
         args.min_round = args.min_round or 0.05
     if args.min_round is None:
@@ -621,6 +653,8 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"# {name} done in {time.perf_counter() - t0:.0f}s: " + ", ".join(
                 f"{k} {_fmt(v['jax'])} / {_fmt(v['torch'])} img/s {v['jax'] / v['torch']:.2f}x"
+                + (f" ({args.steps_per_call} steps a call {_fmt(v['jax_steps'])} img/s "
+                   f"{v['jax_steps'] / v['torch']:.2f}x)" if "jax_steps" in v else "")
                 for k, v in r.items() if isinstance(v, dict)), flush=True)
         if args.json:  # after every model: a run cut short keeps the models it finished
             _write_json(args.json, result)
