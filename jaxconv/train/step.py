@@ -82,8 +82,8 @@ def make_train_steps(model, tx, model_name: str, mesh: jax.sharding.Mesh, steps:
     """``steps(state, metrics, images, labels)``: ``steps`` train steps in one jitted call,
     where ``images`` and ``labels`` are tuples of ``steps`` batches, each sharded as
     :func:`make_train_step`'s. The batches are stacked on the device and the step runs as
-    one ``lax.scan`` over them, so the result is that of calling the one-step function on
-    each batch in turn.
+    one ``lax.scan`` over them: the same steps as calling the one-step function on each
+    batch in turn (equal to float rounding: XLA may fuse the scan's body differently).
 
     Why: XLA gives a call's buffers from ``malloc`` and frees them after it, and on Linux
     every call pays the kernel's page faults on them again (module docstring of
