@@ -41,7 +41,7 @@ def test_max_pool_matches_torch(size, k, s, p, ceil_mode):
 
 
 @pytest.mark.parametrize("size", [7, 8, 24])
-@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 3, 0), (3, 2, 1)])
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 3, 0), (3, 2, 1), (3, 1, 1)])
 @pytest.mark.parametrize("ceil_mode", [False, True])
 def test_max_pool_gradient_matches_torch_with_ties(size, k, s, p, ceil_mode):
     # small integers tie in most windows: the gradient must go to the same (first) maximum as torch's
@@ -57,37 +57,40 @@ def test_max_pool_gradient_matches_torch_with_ties(size, k, s, p, ceil_mode):
     np.testing.assert_array_equal(grad, xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
-def test_max_pool_gradient_never_goes_to_padding():
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (3, 1, 1), (5, 2, 2)])
+def test_max_pool_gradient_never_goes_to_padding(k, s, p):
     # windows whose only values are -inf: torch sends the gradient to the window's first
     # element inside the input, never to the padding (which is also -inf)
     x = rand(1, 6, 7, 2)
     x[0, :3, :3] = -np.inf
-    layer = layers.MaxPool2d(3, 2, 1, ceil_mode=True)
+    x[0, 4:, 5:, 1] = -np.inf
+    layer = layers.MaxPool2d(k, s, p, ceil_mode=True)
     y, vjp = jax.vjp(lambda v: layer.apply({}, v), jnp.asarray(x, jnp.float32))
     g = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float().requires_grad_()
-    torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)(xt).backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    torch.nn.MaxPool2d(k, s, p, ceil_mode=True)(xt).backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
     np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
-def test_max_pool_gradient_goes_to_the_last_nan_as_torchs():
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (3, 1, 1), (2, 2, 0)])
+def test_max_pool_gradient_goes_to_the_last_nan_as_torchs(k, s, p):
     # a window whose maximum is NaN: torch's output is NaN and its gradient goes to the
     # window's last NaN
     x = rand(2, 7, 9, 3)
     x[0, 1, 1:4] = np.nan
     x[1, 4:6, 2, 1] = np.nan
     x[1, 0, 0, 2] = np.nan
-    layer = layers.MaxPool2d(3, 2, 1)
+    layer = layers.MaxPool2d(k, s, p)
     y, vjp = jax.vjp(lambda v: layer.apply({}, v), jnp.asarray(x, jnp.float32))
     g = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float().requires_grad_()
-    yt = torch.nn.MaxPool2d(3, 2, 1)(xt)
+    yt = torch.nn.MaxPool2d(k, s, p)(xt)
     yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
     np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
-@pytest.mark.parametrize("k,s,p,ceil_mode", [(3, 2, 1, False), (2, 2, 0, False), (3, 2, 0, True)])
+@pytest.mark.parametrize("k,s,p,ceil_mode", [(3, 2, 1, False), (2, 2, 0, False), (3, 2, 0, True), (3, 1, 1, True)])
 def test_max_pool_forward_mode_takes_the_tangent_at_torchs_argmax(k, s, p, ceil_mode):
     # jax.jvp works through the pool: the output tangent is the input tangent at the
     # maximum that torch's return_indices names (ties included)
@@ -103,13 +106,16 @@ def test_max_pool_forward_mode_takes_the_tangent_at_torchs_argmax(k, s, p, ceil_
 
 
 def test_max_pool_gradient_is_select_and_scatter_off_cpu_only():
-    # XLA:CPU's select-and-scatter is slow; the CPU gradient is the taps' selects and pads
+    # XLA:CPU's select-and-scatter is slow; on CPU the output and the first maximum's index
+    # come from one chain of selects over the taps (no reduce-window, score stack or argmax),
+    # and the gradient is the taps' selects and pads
     pool = layers.MaxPool2d(3, 2, 1)
     x = jnp.zeros((2, 9, 9, 4))
     grad = jax.jit(jax.grad(lambda a: jnp.sum(pool.apply({}, a) ** 2))).trace(x)
     cpu, cuda = (grad.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
-    assert "select_and_scatter" in cuda
-    assert "select_and_scatter" not in cpu and "reduce_window" in cpu
+    assert "select_and_scatter" in cuda and "reduce_window" in cuda
+    assert "select_and_scatter" not in cpu and "reduce_window" not in cpu and "argmax" not in cpu
+    assert "stablehlo.reduce" not in cpu
 
 
 @pytest.mark.parametrize("k,s,held", [(3, 2, 1), (2, 2, 0)])
@@ -117,12 +123,14 @@ def test_overlapping_max_pool_gradient_reads_a_held_output_gradient_on_cpu(k, s,
     # an overlapping pool's gradient is one pad per shift of its windows (4 for 3x3 stride
     # 2), each reading the output's gradient; that gradient goes through a conditional so
     # XLA computes it once, not once per shift (DenseNet-121: the first block's six
-    # BatchNorm gradients, four times over); a pool whose kernel is its stride has one
+    # BatchNorm gradients, four times over); a pool whose kernel is its stride has one.
+    # The first maximum's index goes through one too (else XLA runs the chain of selects
+    # inside each shift's pad)
     pool = layers.MaxPool2d(k, s)
     grad = jax.grad(lambda a, b: jnp.sum(pool.apply({}, a) * jnp.tanh(b)), argnums=0)
     x = jnp.zeros((2, 9, 9, 4))
     hlo = jax.jit(grad).lower(x, jnp.zeros((2, 4, 4, 4))).compile().as_text()
-    assert hlo.count("conditional(") == held
+    assert hlo.count("conditional(") == held + 1
     # an empty batch has nothing to hold, and its gradient is empty
     assert jax.jit(grad)(jnp.zeros((0, 9, 9, 4)), jnp.zeros((0, 4, 4, 4))).shape == (0, 9, 9, 4)
 
