@@ -114,8 +114,8 @@ def test_max_pool_gradient_is_select_and_scatter_off_cpu_only():
     grad = jax.jit(jax.grad(lambda a: jnp.sum(pool.apply({}, a) ** 2))).trace(x)
     cpu, cuda = (grad.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
     assert "select_and_scatter" in cuda and "reduce_window" in cuda
-    assert "select_and_scatter" not in cpu and "reduce_window" not in cpu and "argmax" not in cpu
-    assert "stablehlo.reduce" not in cpu
+    assert "select_and_scatter" not in cpu and "reduce_window" not in cpu
+    assert "stablehlo.reduce" not in cpu    # the old index: an argmax over the stacked scores
 
 
 @pytest.mark.parametrize("k,s,held", [(3, 2, 1), (2, 2, 0)])
