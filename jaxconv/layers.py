@@ -288,11 +288,11 @@ def _xla_conv(x, kernel, stride, padding, dilation, groups=1):
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
-def _conv_taps(x, kh, kw, stride, padding, dilation):
+def _conv_taps(x, kh, kw, stride, padding, dilation, pad_value=0):
     """The kernel's taps in row-major order: for each (i, j) the strided slice of the
-    padded input that meets kernel[i, j]; and the output size."""
+    input, padded with ``pad_value``, that meets kernel[i, j]; and the output size."""
     (sh, sw), (dh, dw) = stride, dilation
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    xp = lax.pad(x, np.array(pad_value, x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
     n, c = x.shape[0], x.shape[-1]
     oh = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
     ow = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
@@ -936,21 +936,17 @@ def _first_maximum(x, window, strides, padding):
     gradient at batch 32, ms, before / after (torch): 3x3 stride 1 at 28x28x192 (GoogLeNet's
     inception pools) 64.6 / 18.7 (63.1); 3x3 stride 2 at 112x112x64 143.7 / 69.5 (147.2)."""
     (kh, kw), (sh, sw) = window, strides
-    n, c = x.shape[0], x.shape[-1]
-    xp = lax.pad(x, np.array(-np.inf, x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    taps, (oh, ow) = _conv_taps(x, kh, kw, strides, padding, (1, 1), pad_value=-np.inf)
     index_dtype = np.int8 if kh * kw <= 127 else np.int32
     row_starts, col_starts = np.arange(oh) * sh - padding[0][0], np.arange(ow) * sw - padding[1][0]
     inside_row, inside_col = np.maximum(row_starts, 0) - row_starts, np.maximum(col_starts, 0) - col_starts
     start = (inside_row[:, None] * kw + inside_col[None, :]).astype(index_dtype)
-    y = jnp.full((n, oh, ow, c), -np.inf, x.dtype)
-    first = jnp.broadcast_to(start[None, :, :, None], (n, oh, ow, c))
-    for i in range(kh):
-        for j in range(kw):
-            tap = lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
-            takes = (tap > y) | jnp.isnan(tap)
-            y = jnp.where(takes, tap, y)
-            first = jnp.where(takes, np.array(i * kw + j, index_dtype), first)
+    y = jnp.full(taps[0].shape, -np.inf, x.dtype)
+    first = jnp.broadcast_to(start[None, :, :, None], taps[0].shape)
+    for t, tap in enumerate(taps):
+        takes = (tap > y) | jnp.isnan(tap)
+        y = jnp.where(takes, tap, y)
+        first = jnp.where(takes, np.array(t, index_dtype), first)
     return y, first
 
 
