@@ -12,6 +12,9 @@ How it measures (the same for every figure):
   rounds alternate between the two sides (jaxconv first in even rounds, torch first in
   odd ones); a round repeats the call until it has run ``--min-round`` seconds; the
   figure is the median over rounds of the time per call;
+* beside each ratio the table gives the range of the ratios within single rounds
+  (jaxconv's time against torch's in the same round, both under the same moment's
+  load): on a shared host a wide range says how far the ratio can be trusted;
 * every call is synchronised: ``block_until_ready`` on JAX's output and
   ``torch.cuda.synchronize()`` on a GPU.
 
@@ -250,8 +253,9 @@ class Pair:
 
 # ----------------------------------------------------------------------------- timing
 
-def interleave(fns: dict, rounds: int, min_round: float, warmup: int = 2) -> dict:
-    """Median seconds per call of each zero-argument ``fns[k]``, interleaving rounds."""
+def interleave_rounds(fns: dict, rounds: int, min_round: float, warmup: int = 2) -> dict:
+    """Seconds per call of each zero-argument ``fns[k]`` in each round (a list per key),
+    rounds interleaving the keys (in reverse order every other round)."""
     reps = {}
     for k, fn in fns.items():
         t = 0.0
@@ -268,7 +272,23 @@ def interleave(fns: dict, rounds: int, min_round: float, warmup: int = 2) -> dic
             for _ in range(reps[k]):
                 fns[k]()
             times[k].append((time.perf_counter() - t0) / reps[k])
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleave(fns: dict, rounds: int, min_round: float, warmup: int = 2) -> dict:
+    """Median seconds per call of each zero-argument ``fns[k]``, interleaving rounds."""
+    return {k: statistics.median(v) for k, v in interleave_rounds(fns, rounds, min_round, warmup).items()}
+
+
+def figure(times: dict, images: dict) -> dict:
+    """Images/s of each side from per-round ``times`` (``images[k]`` images a call), the
+    median over rounds; and, under ``"round_ratios"``, every other side's ratio to torch's
+    (jaxconv's, torch.compile's) within each round, where both ran under the same
+    moment's load of a shared host."""
+    out = {k: images[k] / statistics.median(v) for k, v in times.items()}
+    out["round_ratios"] = {k: [(images[k] / t) / (images["torch"] / tt) for t, tt in zip(v, times["torch"])]
+                           for k, v in times.items() if k != "torch"}
+    return out
 
 
 def model_macs(name: str) -> tuple[int, int]:
@@ -341,8 +361,8 @@ def bench_model(name: str, args) -> dict:
         fns = {"jax": pair.jax_infer(b), "torch": pair.torch_infer(b)}
         if args.compile:
             _add_torch_compile(fns, lambda: pair.torch_infer(b, compiled=True), f"{name} inference")
-        t = interleave(fns, args.rounds, args.min_round)
-        row[f"infer{b}"] = {k: b / v for k, v in t.items()}
+        t = interleave_rounds(fns, args.rounds, args.min_round)
+        row[f"infer{b}"] = figure(t, {key: b for key in t})
         del fns
     tb = args.lenet_batch if lenet else args.train_batch
     k = args.steps_per_call
@@ -351,8 +371,8 @@ def bench_model(name: str, args) -> dict:
         fns["jax_steps"] = pair.jax_train(tb, k)
     if args.compile:
         _add_torch_compile(fns, lambda: pair.torch_train(tb, compiled=True), f"{name} training")
-    t = interleave(fns, args.rounds, args.min_round)
-    row[f"train{tb}"] = {key: (k if key == "jax_steps" else 1) * tb / v for key, v in t.items()}
+    t = interleave_rounds(fns, args.rounds, args.min_round)
+    row[f"train{tb}"] = figure(t, {key: (k if key == "jax_steps" else 1) * tb for key in t})
     row["train_batch"] = tb
     inference, train = model_macs(name)
     row["gmacs"] = inference / 1e9
@@ -542,6 +562,14 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
+def _ratio(v: dict, key: str = "jax") -> str:
+    """``key``'s ratio to torch, and where there were several rounds, the range of its
+    ratios within a round: "1.24x (1.10-1.31)"."""
+    within = v.get("round_ratios", {}).get(key, [])
+    spread = f" ({min(within):.2f}-{max(within):.2f})" if len(within) > 1 else ""
+    return f"{v[key] / v['torch']:.2f}x{spread}"
+
+
 def table(rows: list, args, peak: float) -> list[list[str]]:
     head = ["model"]
     for b in args.batch:
@@ -558,12 +586,12 @@ def table(rows: list, args, peak: float) -> list[list[str]]:
         line = [r["model"]]
         for key in [f"infer{b}" for b in args.batch] + [f"train{r['train_batch']}"]:
             v = r[key]
-            line += [f"{_fmt(v['jax'])} / {_fmt(v['torch'])}", f"{v['jax'] / v['torch']:.2f}x"]
+            line += [f"{_fmt(v['jax'])} / {_fmt(v['torch'])}", _ratio(v)]
             if args.compile:
                 line += [f"{v['jax'] / v['torch_compile']:.2f}x" if "torch_compile" in v else "n/a"]
         if args.steps_per_call > 1:
             v = r[f"train{r['train_batch']}"]
-            line += ([f"{_fmt(v['jax_steps'])} / {_fmt(v['torch'])}", f"{v['jax_steps'] / v['torch']:.2f}x"]
+            line += ([f"{_fmt(v['jax_steps'])} / {_fmt(v['torch'])}", _ratio(v, "jax_steps")]
                      if "jax_steps" in v else ["n/a"] * 2)
         for key, g in ((f"infer{max(args.batch)}", 2 * r["gmacs"]),
                        (f"train{r['train_batch']}", 2 * r["train_gmacs"])):
@@ -652,9 +680,9 @@ def main(argv=None) -> int:
         else:
             rows.append(r)
             print(f"# {name} done in {time.perf_counter() - t0:.0f}s: " + ", ".join(
-                f"{k} {_fmt(v['jax'])} / {_fmt(v['torch'])} img/s {v['jax'] / v['torch']:.2f}x"
+                f"{k} {_fmt(v['jax'])} / {_fmt(v['torch'])} img/s {_ratio(v)}"
                 + (f" ({args.steps_per_call} steps a call {_fmt(v['jax_steps'])} img/s "
-                   f"{v['jax_steps'] / v['torch']:.2f}x)" if "jax_steps" in v else "")
+                   f"{_ratio(v, 'jax_steps')})" if "jax_steps" in v else "")
                 for k, v in r.items() if isinstance(v, dict)), flush=True)
         if args.json:  # after every model: a run cut short keeps the models it finished
             _write_json(args.json, result)

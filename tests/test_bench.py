@@ -79,3 +79,17 @@ def test_asking_for_a_gpu_where_a_side_has_none_is_a_clear_error(capsys):
         bench.main(["--device", "gpu", "--models", "lenet5", "--no-epoch", "--no-compile-time"])
     assert exit_.value.code == 2
     assert "--device gpu: no GPU visible to" in capsys.readouterr().err
+
+
+def test_each_ratio_comes_with_its_range_within_single_rounds():
+    from jaxconv import bench
+
+    # torch ran 2 s a call in both rounds; jaxconv 1 s in the first and 4 s in the second
+    # (a moment of load), its 4-steps call 2 s and 4 s: per round, 2.0x and 0.5x; 4.0x and 2.0x
+    v = bench.figure({"jax": [1.0, 4.0], "jax_steps": [2.0, 4.0], "torch": [2.0, 2.0]},
+                     {"jax": 8, "jax_steps": 32, "torch": 8})
+    assert v["jax"] == 8 / 2.5 and v["torch"] == 4.0 and v["jax_steps"] == 32 / 3.0
+    assert v["round_ratios"] == {"jax": [2.0, 0.5], "jax_steps": [4.0, 2.0]}
+    assert bench._ratio(v) == "0.80x (0.50-2.00)"
+    assert bench._ratio(v, "jax_steps") == "2.67x (2.00-4.00)"
+    assert bench._ratio({"jax": 3.0, "torch": 2.0}) == "1.50x"      # one round: no range
