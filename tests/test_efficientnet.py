@@ -57,6 +57,28 @@ def test_eval_parity(name):
     assert result.f32_jax <= result.f32_bound, result.line()
 
 
+def test_a_gate_is_measured_against_the_error_its_input_carries():
+    # the scale: the sigmoid's largest slope times its input's largest magnitude
+    toy = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Sigmoid()).double()
+    x = torch.randn(2, 3, dtype=torch.float64) * 100
+    _, outputs, scales = parity.torch_output_and_intermediates(toy, x, ["0", "1"])
+    assert set(scales) == {"1"} and set(outputs) == {"0", "1"}
+    assert math.isclose(scales["1"], 0.25 * float(np.abs(outputs["0"]).max()))
+    # ...and a gate that computes the wrong thing still fails by far: every sigmoid of
+    # B0 made to add 1e-2 to its argument
+    class ShiftedSigmoid(torch.nn.Sigmoid):
+        def forward(self, x):
+            return torch.sigmoid(x + 1e-2)
+
+    reference = parity.prepare_reference(parity.torchvision_model("efficientnet_b0"), (CALIBRATION_BATCH, 3, 64, 64))
+    gates = [name for name, m in reference.named_modules() if isinstance(m, torch.nn.Sigmoid)]
+    for name in gates:
+        block, _, leaf = name.rpartition(".")
+        setattr(reference.get_submodule(block), leaf, ShiftedSigmoid())
+    result = parity.check_eval("efficientnet_b0", reference, (64, 64), batch=1, float32=False)
+    assert gates and all(result.f64_intermediates[g] > 1e-6 for g in gates), result.line()
+
+
 def test_calibration_does_not_depend_on_torchs_global_random_state():
     """Stochastic depth draws from torch's global generator in train mode; the reference's
     statistics must not (they did: which tests ran before decided V2-L's parity)."""
