@@ -663,6 +663,42 @@ class Conv2d(nn.Module):
         return int(np.prod(out_shape[1:])) * kh * kw * (in_shape[-1] // self.groups)
 
 
+def dense(x, kernel):
+    """``x @ kernel`` over ``x``'s last axis (``kernel`` is (in, out)).
+
+    On CPU in float32 the product runs as XLA's 1x1 convolution, its gradients as matrix
+    products. Under jaxconv's YNNPACK flag (:mod:`jaxconv.runtime`) a matrix product with
+    few rows and a large kernel spends most of its time repacking the kernel: AlexNet's
+    first classifier layer (9216 -> 4096), batch 16, 55 ms as a product against 23 ms as
+    XLA's convolution; VGG-16's (25088 -> 4096) at batch 32, 271 against 97 ms. Of the
+    gradients, the input's (reading the kernel along its rows) is fastest as a product (42
+    ms against 186 as a convolution's transpose at 9216 -> 4096, batch 32) and the kernel's
+    is the same either way (82 ms), so the derivative is written with products (Intel
+    Cascade Lake host, 2 cores; BENCHMARKS.md)."""
+    if jnp.dtype(x.dtype) != jnp.float32 or jnp.dtype(kernel.dtype) != jnp.float32:
+        return jnp.dot(x, kernel)
+    rows = x.reshape(-1, x.shape[-1])
+    return _dense_float32(rows, kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+@jax.custom_jvp
+def _dense_float32(rows, kernel):
+    return lax.platform_dependent(rows, kernel, cpu=_dense_as_convolution, default=jnp.dot)
+
+
+def _dense_as_convolution(rows, kernel):
+    return _xla_conv(rows[:, None, None, :], kernel[None, None], (1, 1), ((0, 0), (0, 0)), (1, 1))[:, 0, 0, :]
+
+
+@partial(_dense_float32.defjvp, symbolic_zeros=True)
+def _dense_float32_jvp(primals, tangents):
+    rows, kernel = primals
+    rows_dot, kernel_dot = tangents
+    terms = [jnp.dot(r, k) for r, k in ((rows_dot, kernel), (rows, kernel_dot))
+             if not isinstance(r if r is rows_dot else k, jax.custom_derivatives.SymbolicZero)]
+    return _dense_float32(rows, kernel), sum(terms[1:], terms[0])
+
+
 class Linear(nn.Module):
     """torch.nn.Linear with the kernel stored as (in, out) = torch's ``weight.T``."""
     features: int
@@ -677,7 +713,7 @@ class Linear(nn.Module):
         fan_in = x.shape[-1]
         kernel = param(self, "kernel", self.kernel_init or torch_default_kernel_init(),
                        (fan_in, self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = dense(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = param(self, "bias", self.bias_init or torch_default_bias_init(fan_in),
                          (self.features,), self.param_dtype)

@@ -328,6 +328,53 @@ def test_pointwise_convolution_is_a_dot_on_cpu_only():
     assert padded.count("stablehlo.convolution") == 3
 
 
+@pytest.mark.parametrize("leading", [(5,), (1,), (2, 3)])
+def test_linear_and_its_gradients_match_torch_in_float32(leading):
+    # float32 Linear takes layers.dense (a 1x1 convolution on CPU, products for its gradients)
+    rng = np.random.default_rng(len(leading))
+    x = rng.standard_normal((*leading, 37)).astype(np.float32)
+    linear = layers.Linear(11)
+    variables = linear.init(jax.random.key(0), jnp.asarray(x))
+    y, vjp = jax.jit(lambda v, a: jax.vjp(linear.apply, v, a))(variables, jnp.asarray(x))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dv, dx = vjp(jnp.asarray(g))
+    t = torch.nn.Linear(37, 11).double()
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(np.asarray(variables["params"]["kernel"]).T.copy()))
+        t.bias.copy_(torch.from_numpy(np.array(variables["params"]["bias"])))
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    yt = t(xt)
+    yt.backward(torch.from_numpy(g.astype(np.float64)))
+    assert y.shape == yt.shape
+    assert rel_err(np.asarray(y), yt.detach().numpy()) < 1e-5
+    assert rel_err(np.asarray(dx), xt.grad.numpy()) < 1e-5
+    assert rel_err(np.asarray(dv["params"]["kernel"]), t.weight.grad.numpy().T) < 1e-5
+    assert rel_err(np.asarray(dv["params"]["bias"]), t.bias.grad.numpy()) < 1e-5
+
+
+def test_dense_is_a_convolution_on_cpu_only_and_its_derivatives_are_products():
+    x, w = jnp.zeros((16, 300)), jnp.zeros((300, 40))
+    loss = jax.jit(jax.grad(lambda a, k: jnp.sum(jnp.sin(layers.dense(a, k))), argnums=(0, 1)))
+    cpu = loss.trace(x, w).lower(lowering_platforms=("cpu",)).as_text()
+    cuda = loss.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    # the forward: XLA's convolution on CPU, a product elsewhere; both gradients: products
+    assert cpu.count("stablehlo.convolution") == 1 and cpu.count("stablehlo.dot_general") == 2
+    assert "stablehlo.convolution" not in cuda and cuda.count("stablehlo.dot_general") == 3
+    # the gradient of the kernel alone computes no input gradient (a symbolic zero tangent)
+    kernel_only = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(layers.dense(x, k)))))
+    assert kernel_only.lower(w).as_text().count("stablehlo.dot_general") == 1
+    # forward mode: the product rule
+    rng = np.random.default_rng(0)
+    a, k, da, dk = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((4, 30), (30, 6), (4, 30), (30, 6)))
+    _, tangent = jax.jvp(layers.dense, (a, k), (da, dk))
+    assert rel_err(tangent, np.asarray(da, np.float64) @ np.asarray(k, np.float64)
+                   + np.asarray(a, np.float64) @ np.asarray(dk, np.float64)) < 1e-5
+    # other dtypes: a plain product
+    with jax.enable_x64(True):
+        f64 = jax.jit(layers.dense).lower(jnp.zeros((2, 3), jnp.float64), jnp.zeros((3, 4), jnp.float64)).as_text()
+    assert "stablehlo.convolution" not in f64
+
+
 def test_dense_convolution_kernel_gradient_reads_a_held_input_on_cpu():
     # the kernel term of a dense convolution's JVP reads its input through a conditional
     # (XLA cannot fuse the input's producer into the gradient's transposed copy): there when
