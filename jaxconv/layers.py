@@ -151,9 +151,9 @@ def convolve(x, kernel, stride, padding, dilation=(1, 1), groups: int = 1):
       Exact up to float64 rounding; gradients follow by autodiff.
     * float32: jaxconv's convolution primitive (see "float32 convolution" below), lowered
       on CPU to forms XLA:CPU runs well -- tap sums for grouped, depthwise and
-      one-input-channel convolutions, a matrix product for unpadded 1x1 ones, XLA's
-      convolution with gradients in XLA:CPU's native order for the rest -- and on other
-      platforms to XLA's convolution and its own gradients.
+      one-input-channel convolutions, XLA's convolution with matrix-product gradients for
+      unpadded 1x1 ones, XLA's convolution with gradients in XLA:CPU's native order for
+      the rest -- and on other platforms to XLA's convolution and its own gradients.
     """
     kh, kw, cin_group, cout = kernel.shape
     if isinstance(padding, str):
@@ -252,9 +252,17 @@ def _banded_rows_conv(x, kernel, padding, dilation):
 
 
 def _pointwise_dot(x, kernel, stride):
-    """An unpadded 1x1 convolution as a matrix product over the channel axis.
+    """An unpadded 1x1 convolution as a matrix product over the channel axis: the input
+    term whose transpose is the input's gradient on CPU.
 
-    XLA:CPU rewrites the forward into a dot itself, but not the kernel's gradient: that
+    The forward itself stays XLA's convolution, which XLA:CPU rewrites into an Eigen
+    product; written as this product it went to YNNPACK (jaxconv's flag), slower on an
+    Intel Cascade Lake host: inference at batch 16, ratio to torch, alternating processes,
+    as a product / as the convolution: ResNet-50 1.50 / 1.65x, GoogLeNet 1.76 / 1.98x,
+    DenseNet-121 1.47 / 1.64x, EfficientNet-B0 1.55 / 1.66x; on the AMD EPYC host within
+    the noise, inference and training (BENCHMARKS.md).
+
+    XLA:CPU does not rewrite the kernel's gradient into a product: that
     stays a convolution with batch and channels swapped, whose operand is a transposed
     copy of the input. When the input is a residual block's output, XLA fuses the copy
     with everything elementwise that produced it -- the BatchNorm affines, adds and ReLUs
@@ -410,9 +418,9 @@ def _grouped_kernel_gradient(x, g, kernel_shape, stride, padding, dilation, grou
 #   kernel gradient is one grouped convolution of the input with the output gradient as
 #   its kernel, batch and channels swapped, so that each group's contraction runs over
 #   batch x height x width (:func:`_grouped_kernel_gradient`: 0.36 s instead of 50 s).
-# * unpadded 1x1 convolutions: a matrix product (:func:`_pointwise_dot`); its input
-#   gradient is its transpose, its kernel gradient the product of the two operands'
-#   rows (:func:`_pointwise_kernel_gradient`);
+# * unpadded 1x1 convolutions: XLA's convolution (an Eigen product) forward; its input
+#   gradient is the transpose of a matrix product (:func:`_pointwise_dot`), its kernel
+#   gradient the product of the two operands' rows (:func:`_pointwise_kernel_gradient`);
 # * other (dense) convolutions: XLA's, with gradients that are the transposes of the terms
 #   :func:`_input_term_cpu` and :func:`_kernel_term_cpu`.
 #
@@ -437,8 +445,6 @@ def _is_pointwise(kernel_shape, padding) -> bool:
 def _conv_cpu(x, kernel, *, stride, padding, dilation, groups):
     if _is_grouped(kernel.shape, groups):
         return _grouped_forward(x, kernel, stride, padding, dilation, groups)
-    if _is_pointwise(kernel.shape, padding):
-        return _pointwise_dot(x, kernel, stride)
     return _xla_conv(x, kernel, stride, padding, dilation)
 
 

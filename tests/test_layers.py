@@ -250,7 +250,7 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
     (24, 24, 24, 5, 2, 2, 1), (16, 32, 16, 3, 1, 1, 1),    # depthwise, and with a multiplier of 2
     (8, 8, 8, 3, 1, 3, 1), (12, 12, 4, (3, 1), (2, 1), (1, 0), 1),  # padding beyond the kernel; 3x1
     (4, 8, 4, 2, 4, 0, 1),                                 # stride beyond the kernel: rows no tap meets
-    (16, 24, 1, 1, 1, 0, 1), (16, 24, 1, 1, 2, 0, 1), (16, 24, 1, 1, (2, 3), 0, 1),  # 1x1: a dot
+    (16, 24, 1, 1, 1, 0, 1), (16, 24, 1, 1, 2, 0, 1), (16, 24, 1, 1, (2, 3), 0, 1),  # 1x1: dot gradients
     (16, 24, 1, 1, 1, 1, 1),                               # padded 1x1: XLA's convolution
     (16, 24, 1, 3, 1, 1, 1), (16, 24, 1, 3, 2, 1, 1), (3, 8, 1, 7, 2, 3, 1),  # dense
     (8, 8, 1, 3, 1, 2, 2), (6, 16, 1, 5, 1, 0, 1), (3, 5, 1, (5, 3), 1, (2, 0), 1),  # dense, im2col input gradient
@@ -258,7 +258,7 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
 ])
 def test_cpu_convolution_paths_and_their_gradients_match_torch_in_float32(cin, cout, groups, k, s, p, d):
     # float32 grouped, depthwise and one-input-channel convolutions take layers.convolve's
-    # CPU path (tap sums and their own gradients), unpadded 1x1 ones a dot;
+    # CPU path (tap sums and their own gradients), unpadded 1x1 ones dots for their gradients;
     # dense stride-1 ones with at most 8 input channels take the input's gradient from im2col,
     # or from banded rows where the input is at most BANDED_MAX_WIDTH_RATIO x the kernel's span wide
     rng = np.random.default_rng(cin + cout + groups)
@@ -316,14 +316,15 @@ def test_pointwise_kernel_gradient_reads_both_operands_as_they_lie():
     assert "lhs_contracting_dims={0}, rhs_contracting_dims={0}" in kernel_dots[0]
 
 
-def test_pointwise_convolution_is_a_dot_on_cpu_only():
-    # an unpadded 1x1 convolution and both its gradients: dots on CPU, XLA's convolutions
-    # lowered for a GPU; a padded 1x1 convolution stays a convolution everywhere
+def test_pointwise_convolution_gradients_are_dots_on_cpu_only():
+    # an unpadded 1x1 convolution's two gradients: dots on CPU (its forward stays XLA's
+    # convolution), XLA's convolutions lowered for a GPU; a padded 1x1 convolution stays a
+    # convolution everywhere
     x = jnp.zeros((2, 9, 9, 16))
     pointwise = layers.Conv2d(24, 1, stride=2, use_bias=False)
     cuda, cpu = _lowered_gradient(pointwise, x, "cuda"), _lowered_gradient(pointwise, x, "cpu")
     assert cuda.count("stablehlo.convolution") == 3 and "stablehlo.dot_general" not in cuda
-    assert "stablehlo.convolution" not in cpu and cpu.count("stablehlo.dot_general") == 3
+    assert cpu.count("stablehlo.convolution") == 1 and cpu.count("stablehlo.dot_general") == 2
     padded = _lowered_gradient(layers.Conv2d(24, 1, padding=1, use_bias=False), x, "cpu")
     assert padded.count("stablehlo.convolution") == 3
 
@@ -437,7 +438,7 @@ _CONVOLUTION_KINDS = [   # x shape, kernel shape, stride, padding, groups
     ((2, 9, 8, 16), (3, 3, 16, 8), (2, 2), ((1, 1), (1, 0)), 1),   # dense: XLA's, terms in XLA:CPU's order
     ((2, 9, 8, 5), (3, 3, 5, 7), (1, 1), ((1, 2), (0, 1)), 1),      # dense, the banded-rows input term
     ((2, 9, 13, 5), (3, 3, 5, 7), (1, 1), ((1, 2), (0, 1)), 1),     # dense, the im2col input term
-    ((2, 9, 8, 16), (1, 1, 16, 8), (2, 2), ((0, 0), (0, 0)), 1),    # 1x1: a dot
+    ((2, 9, 8, 16), (1, 1, 16, 8), (2, 2), ((0, 0), (0, 0)), 1),    # 1x1: dot gradients
     ((2, 9, 8, 8), (3, 3, 1, 8), (2, 2), ((1, 1), (1, 1)), 8),      # depthwise: tap sums
     ((2, 9, 8, 8), (3, 3, 2, 8), (1, 1), ((1, 1), (1, 1)), 4),      # grouped: tap sums
     ((2, 9, 8, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), 1),      # one input channel: a tap sum
