@@ -137,10 +137,10 @@ def test_default_fusion_type_keeps_batchnorm_and_relu_in_xlas_loops():
     """With jaxconv's flag every YNNPACK fusion of ResNet-50's gradient is one matrix product.
     Under ``=dot`` a fusion grew over whole ResNet stages, convolutions included, and took
     each BatchNorm's scale and shift and each ReLU's zero as full-size inputs, written to
-    memory first; on today's code its fusions still take the adds and a BatchNorm's
-    broadcast scale. (The gradient, not the inference program: on CPU every forward
-    convolution, 1x1 ones included, and the classifier are XLA's convolutions, which no
-    YNNPACK fusion takes; the gradients' matrix products are what it runs.)"""
+    memory first; with this code its fusions still take the adds and a BatchNorm's
+    broadcast scale. (The gradient, not the inference program: ResNet-50's forward on CPU
+    is XLA's convolutions only, the 1x1 ones and the classifier included, which no YNNPACK
+    fusion takes; the gradients' matrix products are what it runs.)"""
     out, _ = _python(FUSIONS, {})
     assert out["ynn_ops"] and all(ops == ["dot"] for ops in out["ynn_ops"]), out["ynn_ops"]
     assert out["full_size_broadcasts"] == []
