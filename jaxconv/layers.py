@@ -153,7 +153,8 @@ def convolve(x, kernel, stride, padding, dilation=(1, 1), groups: int = 1):
       on CPU to forms XLA:CPU runs well -- tap sums for grouped, depthwise and
       one-input-channel convolutions, XLA's convolution with matrix-product gradients for
       unpadded 1x1 ones, XLA's convolution with gradients in XLA:CPU's native order for
-      the rest -- and on other platforms to XLA's convolution and its own gradients.
+      the rest (a strided one's input gradient as stride-1 convolutions, one per phase of
+      the input) -- and on other platforms to XLA's convolution and its own gradients.
     """
     kh, kw, cin_group, cout = kernel.shape
     if isinstance(padding, str):
@@ -422,7 +423,9 @@ def _grouped_kernel_gradient(x, g, kernel_shape, stride, padding, dilation, grou
 #   gradient is the transpose of a matrix product (:func:`_pointwise_dot`), its kernel
 #   gradient the product of the two operands' rows (:func:`_pointwise_kernel_gradient`);
 # * other (dense) convolutions: XLA's, with gradients that are the transposes of the terms
-#   :func:`_input_term_cpu` and :func:`_kernel_term_cpu`.
+#   :func:`_input_term_cpu` and :func:`_kernel_term_cpu` -- except a strided one's input
+#   gradient (dilation 1, at least 9 input channels), which is one stride-1 convolution
+#   per phase of the input (:func:`_phased_input_gradient`).
 #
 # XLA:CPU runs a dense convolution fast only in one dimension order: input (batch, h, w,
 # in), kernel (h, w, in, out), output (batch, h, w, out). It puts any other order into that
@@ -455,6 +458,8 @@ def _conv_default(x, kernel, *, stride, padding, dilation, groups):
 def _conv_input_gradient_cpu(g, kernel, *, input_shape, **conv):
     if _is_grouped(kernel.shape, conv["groups"]):
         return _grouped_input_gradient(g, kernel, input_shape, **conv)
+    if _is_phased(kernel.shape, **conv):
+        return _phased_input_gradient(g, kernel, input_shape, conv["stride"], conv["padding"])
     return _input_gradient(_input_term_cpu, g, kernel, input_shape=input_shape, **conv)
 
 
@@ -529,6 +534,77 @@ def _input_term_cpu(x_dot, kernel, *, stride, padding, dilation, groups):
         return _im2col_conv(x_dot, kernel, stride, padding, dilation)
     return lax.conv_general_dilated(x_dot, kernel.transpose(0, 1, 3, 2), window_strides=stride, padding=padding,
                                     rhs_dilation=dilation, dimension_numbers=("NHWC", "HWOI", "NHWC"))
+
+
+# A dense strided float32 convolution with more than this many input channels (and no
+# dilation) takes its input's gradient from stride x stride phases on CPU (see
+# _phased_input_gradient); with fewer, the phases' convolutions have too few output
+# channels (3 -> 32, 3x3 stride 2 at 224x224, batch 8: XLA's 4 ms, phases 12 ms).
+PHASES_MIN_INPUT_CHANNELS = 9
+
+
+def _is_phased(kernel_shape, *, stride, padding, dilation, groups) -> bool:
+    return (stride != (1, 1) and dilation == (1, 1) and not _is_pointwise(kernel_shape, padding)
+            and kernel_shape[2] >= PHASES_MIN_INPUT_CHANNELS)
+
+
+def _phase_taps(k: int, s: int, pad_low: int, phase: int, size: int, g_size: int):
+    """For the input rows ``phase, phase + s, ...`` of a stride-``s`` convolution: the kernel
+    rows that reach them, in the order a stride-1 correlation of the output gradient reads
+    them, and that correlation's (low, high) padding; ``None`` where no kernel row does.
+
+    Input row ``s * a + phase`` meets kernel row ``r`` at output row ``a + (pad_low + phase -
+    r) / s`` wherever that is a whole number, so the rows ``r`` of one phase are ``s`` apart
+    and their output offsets consecutive."""
+    rows = [r for r in range(k) if (pad_low + phase - r) % s == 0][::-1]   # offsets ascending
+    if not rows:
+        return None
+    first, last = ((pad_low + phase - r) // s for r in (rows[0], rows[-1]))
+    count = len(range(phase, size, s))
+    return rows, (-first, count - 1 + last - (g_size - 1))
+
+
+def _phased_input_gradient(g, kernel, input_shape, stride, padding):
+    """The input gradient of a strided (dilation-1) convolution as stride x stride stride-1
+    convolutions of the output gradient, one per phase of the input -- the rows ``p, p + s,
+    ...`` and columns ``q, q + s, ...`` -- each with the kernel taps that reach that phase
+    (for 3x3 stride 2: 1, 2, 2 and 4 taps), interleaved into the input's shape.
+
+    XLA's input gradient is one convolution of the output gradient spread out by the stride
+    (zeros between), and XLA:CPU multiplies the zeros too. Input gradient alone, 2 cores,
+    XLA's / phases, ms: ResNet-50's 3x3 stride-2 layers at batch 16, 56x56x128 57-72 / 22,
+    28x28x256 23 / 20, 14x14x512 24 / 21; ResNet-18's at batch 32, 56x56x64 <- 128 60 / 32,
+    28x28x128 <- 256 37 / 20; Inception-v3's 35x35x288 <- 384 (3x3 stride 2, unpadded) 180
+    / 129 (torch's 56x56x64 <- 128: 45 ms). Each phase's convolution is written in XLA:CPU's
+    own order (kernel (h, w, in, out))."""
+    n, h, w, cin = input_shape
+    full = tuple(-(-size // s) for size, s in zip((h, w), stride))       # rows of the largest phase
+    zero = jnp.zeros((), g.dtype)
+    phase_rows = []
+    for p in range(stride[0]):
+        phase_row = []
+        for q in range(stride[1]):
+            taps = [_phase_taps(kernel.shape[i], stride[i], padding[i][0], phase, (h, w)[i], g.shape[1 + i])
+                    for i, phase in ((0, p), (1, q))]
+            size = (len(range(p, h, stride[0])), len(range(q, w, stride[1])))
+            if None in taps:
+                out = jnp.zeros((n, *size, cin), g.dtype)
+            else:
+                (rows, pad_h), (cols, pad_w) = taps
+                # the taps s apart, in descending order: (th, tw, out, in)
+                sub = kernel[rows[-1]:rows[0] + 1:stride[0], cols[-1]:cols[0] + 1:stride[1]][::-1, ::-1]
+                sub = sub.transpose(0, 1, 3, 2)
+                # negative padding crops the gradient first; the convolution pads the rest
+                cropped = lax.pad(g, zero, ((0, 0, 0), (min(pad_h[0], 0), min(pad_h[1], 0), 0),
+                                            (min(pad_w[0], 0), min(pad_w[1], 0), 0), (0, 0, 0)))
+                out = lax.conv_general_dilated(cropped, sub, (1, 1), (tuple(max(v, 0) for v in pad_h),
+                                                                      tuple(max(v, 0) for v in pad_w)),
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            phase_row.append(lax.pad(out, zero, ((0, 0, 0), (0, full[0] - size[0], 0),
+                                                 (0, full[1] - size[1], 0), (0, 0, 0))))
+        phase_rows.append(jnp.stack(phase_row, axis=3))                    # (n, A, B, sw, in)
+    dx = jnp.stack(phase_rows, axis=2)                                     # (n, A, sh, B, sw, in)
+    return dx.reshape(n, full[0] * stride[0], full[1] * stride[1], cin)[:, :h, :w]
 
 
 def _input_gradient(input_term, g, kernel, *, input_shape, **conv):

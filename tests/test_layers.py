@@ -255,6 +255,9 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
     (16, 24, 1, 3, 1, 1, 1), (16, 24, 1, 3, 2, 1, 1), (3, 8, 1, 7, 2, 3, 1),  # dense
     (8, 8, 1, 3, 1, 2, 2), (6, 16, 1, 5, 1, 0, 1), (3, 5, 1, (5, 3), 1, (2, 0), 1),  # dense, im2col input gradient
     (6, 8, 1, 7, 1, 0, 1), (4, 8, 1, 5, 1, 1, 2), (3, 5, 1, (3, 7), 1, (1, 0), 1),  # ... banded rows (narrow input)
+    (12, 8, 1, 5, (3, 2), (3, 1), 1), (12, 8, 1, 2, 2, 0, 1),  # strided, 9+ input channels: phased input gradient
+    (12, 8, 1, 1, 2, 1, 1), (12, 8, 1, 2, 4, 0, 1),        # ... phases no tap reaches (padded 1x1; stride > kernel)
+    (12, 8, 1, 3, 2, 2, 2),                                # strided and dilated: XLA's
 ])
 def test_cpu_convolution_paths_and_their_gradients_match_torch_in_float32(cin, cout, groups, k, s, p, d):
     # float32 grouped, depthwise and one-input-channel convolutions take layers.convolve's
@@ -405,7 +408,9 @@ def test_dense_convolution_gradients_are_in_xla_cpus_order_inside_a_loop(stride)
     hlo = jax.jit(loop).lower(variables, jnp.zeros((3, 2, 9, 9, 16))).compile().as_text()
     assert "while(" in hlo
     labels = re.findall(r"dim_labels=([^,\s]+)", hlo)
-    assert len(labels) == 3 and set(labels) == {"b01f_01io->b01f"}, labels
+    # stride 2: the input gradient is one stride-1 convolution per phase, the one-tap phase's
+    # a 1x1 convolution that XLA makes a dot
+    assert len(labels) == (3 if stride == (1, 1) else 5) and set(labels) == {"b01f_01io->b01f"}, labels
 
 
 def test_dense_convolution_gradients_are_xlas_own_off_cpu():
@@ -417,7 +422,30 @@ def test_dense_convolution_gradients_are_xlas_own_off_cpu():
     grad = jax.jit(jax.grad(lambda v, a: jnp.sum(conv.apply(v, a) ** 2), argnums=(0, 1))).trace(variables, x)
     cuda, cpu = (grad.lower(lowering_platforms=(p,)).as_text() for p in ("cuda", "cpu"))
     assert cuda.count("stablehlo.convolution") == 3 and "stablehlo.transpose" not in cuda
-    assert cpu.count("stablehlo.convolution") == 3 and cpu.count("stablehlo.transpose") == 4
+    assert "lhs_dilate = [2, 2]" in cuda
+    # on CPU the input gradient is four phases' convolutions (below), none spread by the stride
+    assert cpu.count("stablehlo.convolution") == 6 and "lhs_dilate = [2, 2]" not in cpu
+
+
+@pytest.mark.parametrize("cin,stride,dilation,convolutions,dots", [
+    (16, (2, 2), (1, 1), 3, 1),    # 3x3 stride 2: phases of 2, 2 and 4 taps, and one of 1 tap (a dot)
+    (16, (3, 1), (1, 1), 3, 0),    # stride 3 down the rows only: three phases of 1x3 taps
+    (8, (2, 2), (1, 1), 1, 0),     # at most 8 input channels: XLA's, the gradient spread by the stride
+    (16, (2, 2), (2, 2), 1, 0),    # dilated: XLA's
+])
+def test_strided_convolution_input_gradient_is_phases_on_cpu(cin, stride, dilation, convolutions, dots):
+    # XLA's input gradient of a strided convolution convolves the output gradient spread out
+    # by the stride, zeros included; on CPU it is one stride-1 convolution per phase of the
+    # input, none of them dilated, in XLA:CPU's own order
+    conv = layers.Conv2d(8, 3, stride=stride, padding=1, dilation=dilation, use_bias=False)
+    x = jnp.zeros((2, 12, 12, cin))
+    variables = conv.init(jax.random.key(0), x)
+    input_gradient = jax.grad(lambda a: jnp.sum(conv.apply(variables, a) ** 2))
+    hlo = jax.jit(input_gradient).lower(x).compile().as_text()
+    gradient_convolutions = [line for line in hlo.splitlines() if " convolution(" in line][1:]  # [0]: forward
+    assert len(gradient_convolutions) == convolutions and hlo.count(" dot(") == dots
+    phased = convolutions > 1
+    assert all(("lhs_dilate" in line) != phased and "b01f_01io->b01f" in line for line in gradient_convolutions)
 
 
 @pytest.mark.parametrize("stride", [(2, 1), (1, 1)])   # (1, 1): the im2col input term
