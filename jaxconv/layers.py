@@ -536,7 +536,7 @@ def _input_term_cpu(x_dot, kernel, *, stride, padding, dilation, groups):
                                     rhs_dilation=dilation, dimension_numbers=("NHWC", "HWOI", "NHWC"))
 
 
-# A dense strided float32 convolution with more than this many input channels (and no
+# A dense strided float32 convolution with at least this many input channels (and no
 # dilation) takes its input's gradient from stride x stride phases on CPU (see
 # _phased_input_gradient); with fewer, the phases' convolutions have too few output
 # channels (3 -> 32, 3x3 stride 2 at 224x224, batch 8: XLA's 4 ms, phases 12 ms).
