@@ -630,3 +630,62 @@ def test_fan_out_is_the_identity_with_its_gradient_held_on_cpu_only():
     cpu, cuda = (traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
     assert "stablehlo.negate" in cpu and "stablehlo.negate" not in cuda
     assert jax.grad(f)(jnp.zeros((0, 3, 3, 4))).shape == (0, 3, 3, 4)
+
+
+def test_column_fold_lays_whole_rows_side_by_side():
+    # a power of two that divides the rows, at most 64 and at most 16384 values wide
+    assert layers._column_fold(256 * 24 * 24, 6) == 64
+    assert layers._column_fold(32 * 7 * 7, 2048) == 8
+    assert layers._column_fold(3 * 17 * 20, 4) == 4
+    assert layers._column_fold(3 * 5 * 7, 8) == 1
+    assert layers._column_fold(1, 16385) == 1
+    rows = np.random.default_rng(0).standard_normal((3 * 64 * 5, 6)).astype(np.float32)
+    np.testing.assert_allclose(layers._column_sum(jnp.asarray(rows)), rows.astype(np.float64).sum(0),
+                               rtol=1e-5, atol=1e-4)
+
+
+def _bias_gradient(shape, platform):
+    y, b = jnp.zeros(shape, jnp.float32), jnp.zeros(shape[-1:], jnp.float32)
+    gradient = jax.jit(lambda y, b, g: jax.vjp(lambda b: layers.add_bias(y, b), b)[1](g)[0])
+    return gradient.trace(y, b, y).lower(lowering_platforms=(platform,))
+
+
+def test_bias_gradient_is_a_product_of_folded_rows_on_cpu_only():
+    # a float32 bias's gradient: on CPU ones times the output gradient's rows, 64 of them
+    # side by side (XLA:CPU's reduction over the leading axes is several times slower); a
+    # reduction lowered for a GPU
+    cpu = _bias_gradient((256, 24, 24, 6), "cpu").compile().as_text()
+    dots = re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", cpu)
+    assert dots and all(int(a) * int(b) == 64 * 6 for a, b in dots)
+    cuda = _bias_gradient((256, 24, 24, 6), "cuda").as_text()
+    assert "stablehlo.dot_general" not in cuda and "stablehlo.reduce" in cuda
+
+
+def test_add_bias_is_a_plain_add_for_every_transformation():
+    # the CPU form only changes how XLA computes the bias's gradient: values, gradients,
+    # forward mode, vmap and second derivatives are those of y + b (float64 reference)
+    rng = np.random.default_rng(5)
+    y, b, t = (rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 4, 6), (6,), (6,)))
+
+    def loss(add, y, b):
+        return jnp.sum(jnp.tanh(add(y, b)) ** 2)
+
+    def ours(y, b):
+        return loss(layers.add_bias, y, b)
+
+    def ref(y, b):
+        return loss(jnp.add, y, b)
+
+    def check(ours, ref):
+        for o, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=2e-5, atol=1e-6)
+
+    np.testing.assert_array_equal(layers.add_bias(y, b), y + b)
+    check(jax.jit(jax.grad(ours, argnums=(0, 1)))(y, b), jax.grad(ref, argnums=(0, 1))(y, b))
+    check(jax.jvp(lambda b: layers.add_bias(y, b), (b,), (t,)), jax.jvp(lambda b: y + b, (b,), (t,)))
+    check(jax.vmap(lambda b: layers.add_bias(y, b))(np.stack([b, t])), y + np.stack([b, t])[:, None, None, None])
+    hessian = jax.hessian(lambda b: ref(y, b))(b)
+    check(jax.hessian(lambda b: ours(y, b))(b), hessian)
+    check(jax.jit(jax.jacfwd(jax.grad(lambda b: ours(y, b))))(b), hessian)
+    assert layers.add_bias(jnp.zeros((0, 3, 6)), b).shape == (0, 3, 6)
+    assert layers.add_bias(jnp.zeros((2, 6), jnp.bfloat16), b.astype(jnp.bfloat16)).dtype == jnp.bfloat16
