@@ -663,7 +663,7 @@ def test_bias_gradient_is_a_product_of_folded_rows_on_cpu_only():
 
 def test_add_bias_is_a_plain_add_for_every_transformation():
     # the CPU form only changes how XLA computes the bias's gradient: values, gradients,
-    # forward mode, vmap and second derivatives are those of y + b (float64 reference)
+    # forward mode, vmap and second derivatives are those of a plain y + b, both in float32
     rng = np.random.default_rng(5)
     y, b, t = (rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 4, 6), (6,), (6,)))
 
