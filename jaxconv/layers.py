@@ -152,9 +152,11 @@ def convolve(x, kernel, stride, padding, dilation=(1, 1), groups: int = 1):
     * float32: jaxconv's convolution primitive (see "float32 convolution" below), lowered
       on CPU to forms XLA:CPU runs well -- tap sums for grouped, depthwise and
       one-input-channel convolutions, XLA's convolution with matrix-product gradients for
-      unpadded 1x1 ones, XLA's convolution with gradients in XLA:CPU's native order for
-      the rest (a strided one's input gradient as stride-1 convolutions, one per phase of
-      the input) -- and on other platforms to XLA's convolution and its own gradients.
+      unpadded 1x1 ones, one matrix product against a banded matrix (forward and input
+      gradient) for a stride-1 one with few input channels on a narrow input (LeNet5's
+      second), XLA's convolution with gradients in XLA:CPU's native order for the rest (a
+      strided one's input gradient as stride-1 convolutions, one per phase of the input)
+      -- and on other platforms to XLA's convolution and its own gradients.
     """
     kh, kw, cin_group, cout = kernel.shape
     if isinstance(padding, str):
@@ -226,30 +228,45 @@ def _im2col_conv(x, kernel, stride, padding, dilation, groups=1):
     return y.reshape(n, oh, ow, cout)
 
 
-def _banded_rows_conv(x, kernel, padding, dilation):
-    """A stride-1 convolution as one matrix product: each output row reads the kh input
-    rows it meets, whole (width x channels values each), and a banded matrix made from the
-    kernel maps them to the row's width x out values.
+def _banded_rows_conv(x, kernel, padding, dilation, block=None):
+    """A stride-1 convolution as one matrix product: each output row, in pieces of ``block``
+    output columns (default: the whole row), reads the kh input rows it meets across the
+    piece's span (span + block - 1 columns x channels values each), and a banded matrix
+    made from the kernel maps them to the piece's block x out values.
 
-    It does (padded width / kw) times im2col's multiply-adds, for a transpose -- the
-    input's gradient -- that XLA:CPU runs far better: a GEMM and a sum of kh blocks shifted
-    by whole rows, each row's width x channels values together, which XLA vectorises.
+    Whole rows, it does (padded width / kw) times im2col's multiply-adds, for a transpose --
+    the input's gradient -- that XLA:CPU runs far better: a GEMM and a sum of kh blocks
+    shifted by whole rows, each row's width x channels values together, which XLA vectorises.
     im2col's transpose sums kh x kw blocks shifted both ways with a few channels innermost,
     element by element. LeNet5's conv2 input gradient (6 -> 16, 5x5 on 12x12, batch 256,
     2 cores): 1.9 ms as im2col's transpose (2.8 + 0.8 ms inside the train step), 1.2 ms
-    this way; torch 1.3."""
+    this way; torch 1.3. In pieces of a few columns (:func:`_forward_block`) it is the
+    forward of such a convolution (see :func:`_is_banded`)."""
     kh, kw, cin, cout = kernel.shape
     dh, dw = dilation
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
     n, h, w, _ = xp.shape
     oh, ow = h - (kh - 1) * dh, w - (kw - 1) * dw
-    # matrix[a, v, c, j, o] = kernel[a, b, c, o] where input column v = j + b * dw, else 0
     span = (kw - 1) * dw + 1
+    block = ow if block is None else block
+    pieces, read = ow // block, block - 1 + span       # a piece reads `read` input columns
+    # matrix[a, v, c, j, o] = kernel[a, b, c, o] where the piece's input column v = j + b * dw, else 0
     zero = jnp.zeros((), kernel.dtype)
-    matrix = jnp.stack([lax.pad(kernel, zero, ((0, 0, 0), (j, w - j - span, dw - 1), (0, 0, 0), (0, 0, 0)))
-                        for j in range(ow)], axis=3).reshape(kh * w * cin, ow * cout)
-    rows = jnp.stack([xp[:, a * dh:a * dh + oh] for a in range(kh)], axis=2).reshape(n * oh, kh * w * cin)
+    matrix = jnp.stack([lax.pad(kernel, zero, ((0, 0, 0), (j, read - j - span, dw - 1), (0, 0, 0), (0, 0, 0)))
+                        for j in range(block)], axis=3).reshape(kh * read * cin, block * cout)
+    rows = jnp.stack([jnp.stack([xp[:, a * dh:a * dh + oh, p * block:p * block + read] for p in range(pieces)], axis=2)
+                      for a in range(kh)], axis=3).reshape(n * oh * pieces, kh * read * cin)
     return (rows @ matrix).reshape(n, oh, ow, cout)
+
+
+def _forward_block(kernel_shape, dilation, out_width: int) -> int:
+    """The banded forward's piece: the widest one of at most span - 1 output columns that
+    divides the output row, so that the product does less than twice im2col's
+    multiply-adds ((block - 1 + span) / span times). LeNet5's conv2 forward (6 -> 16, 5x5 on
+    12x12, batch 256) alone, ms: XLA's 1.21-1.95, pieces of 1 / 2 / 4 / 8 (whole rows)
+    1.45-1.89 / 0.75-0.93 / 0.90-1.42 / 1.22-1.63."""
+    span = (kernel_shape[1] - 1) * dilation[1] + 1
+    return max(d for d in range(1, max(span - 1, 1) + 1) if out_width % d == 0)
 
 
 def _pointwise_dot(x, kernel, stride):
@@ -425,7 +442,9 @@ def _grouped_kernel_gradient(x, g, kernel_shape, stride, padding, dilation, grou
 # * other (dense) convolutions: XLA's, with gradients that are the transposes of the terms
 #   :func:`_input_term_cpu` and :func:`_kernel_term_cpu` -- except a strided one's input
 #   gradient (dilation 1, at least 9 input channels), which is one stride-1 convolution
-#   per phase of the input (:func:`_phased_input_gradient`).
+#   per phase of the input (:func:`_phased_input_gradient`), and the forward of a stride-1
+#   one with at most 8 input channels on an input at most 3x the kernel's span wide,
+#   which is banded rows in pieces of a few columns (:func:`_is_banded`).
 #
 # XLA:CPU runs a dense convolution fast only in one dimension order: input (batch, h, w,
 # in), kernel (h, w, in, out), output (batch, h, w, out). It puts any other order into that
@@ -448,6 +467,12 @@ def _is_pointwise(kernel_shape, padding) -> bool:
 def _conv_cpu(x, kernel, *, stride, padding, dilation, groups):
     if _is_grouped(kernel.shape, groups):
         return _grouped_forward(x, kernel, stride, padding, dilation, groups)
+    if not _is_pointwise(kernel.shape, padding) and _is_banded(x.shape, kernel.shape, stride, padding, dilation):
+        out_height, out_width = _conv_output_shape(x.shape, kernel.shape, stride=stride, padding=padding,
+                                                   dilation=dilation, groups=groups)[1:3]
+        block = _forward_block(kernel.shape, dilation, out_width)
+        if x.shape[0] * out_height * (out_width // block) >= BANDED_FORWARD_MIN_ROWS:
+            return _banded_rows_conv(x, kernel, padding, dilation, block)
     return _xla_conv(x, kernel, stride, padding, dilation)
 
 
@@ -502,6 +527,30 @@ IM2COL_MAX_INPUT_CHANNELS = 8
 BANDED_MAX_WIDTH_RATIO = 3
 
 
+# ... and its forward too, where that product has at least this many rows (see _is_banded).
+BANDED_FORWARD_MIN_ROWS = 32
+
+
+def _is_banded(x_shape, kernel_shape, stride, padding, dilation) -> bool:
+    """A dense float32 convolution whose input gradient (:func:`_input_term_cpu`) and forward
+    (:func:`_conv_cpu`) are banded rows on CPU: stride 1, at most
+    ``IM2COL_MAX_INPUT_CHANNELS`` input channels, a padded input at most
+    ``BANDED_MAX_WIDTH_RATIO`` times the kernel's span wide (LeNet5's conv2).
+
+    The forward is the product in pieces of a few output columns (:func:`_forward_block`):
+    XLA's convolution with 6 input channels and 16 output ones ran LeNet5's conv2 forward
+    at 40-65 GFLOP/s. LeNet5's epoch as one scan (batch 256), old / new code in alternating
+    processes, medians of 5: 1.91, 1.66, 1.70 / 1.59, 1.56, 1.60 s. With fewer than
+    ``BANDED_FORWARD_MIN_ROWS`` rows (LeNet5 at batch 1: 16) XLA's convolution stays; LeNet5's
+    inference, us a call, XLA's / banded: batch 1 62 / 99, 2 106-116 / 87-89, 16 258-302 /
+    279-282, 256 2302-2547 / 1979-1985. Elsewhere XLA's convolution is faster, so it stays: 3
+    -> 64 3x3 at 224x224 (batch 16) 97 ms against 123-161 in pieces of 1-8 columns; 8 -> 32
+    3x3 at 28x28 (batch 64) 1.8 against 2.7-3.7 ms."""
+    padded_width = x_shape[2] + sum(padding[1])
+    return (kernel_shape[2] <= IM2COL_MAX_INPUT_CHANNELS and stride == (1, 1)
+            and padded_width <= BANDED_MAX_WIDTH_RATIO * ((kernel_shape[1] - 1) * dilation[1] + 1))
+
+
 def _input_term_cpu(x_dot, kernel, *, stride, padding, dilation, groups):
     """The convolution as a function of its input, whose transpose is the input's gradient
     on CPU. A 1x1 unpadded kernel: :func:`_pointwise_dot`. Otherwise it reads the kernel as
@@ -528,8 +577,7 @@ def _input_term_cpu(x_dot, kernel, *, stride, padding, dilation, groups):
         return _pointwise_dot(x_dot, kernel, stride)
     if kernel.shape[2] <= IM2COL_MAX_INPUT_CHANNELS and stride == (1, 1):
         x_dot = _held(x_dot, jnp.isfinite(kernel[0, 0, 0, 0]))
-        padded_width = x_dot.shape[2] + sum(padding[1])
-        if padded_width <= BANDED_MAX_WIDTH_RATIO * ((kernel.shape[1] - 1) * dilation[1] + 1):
+        if _is_banded(x_dot.shape, kernel.shape, stride, padding, dilation):
             return _banded_rows_conv(x_dot, kernel, padding, dilation)
         return _im2col_conv(x_dot, kernel, stride, padding, dilation)
     return lax.conv_general_dilated(x_dot, kernel.transpose(0, 1, 3, 2), window_strides=stride, padding=padding,

@@ -254,7 +254,7 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
     (16, 24, 1, 1, 1, 1, 1),                               # padded 1x1: XLA's convolution
     (16, 24, 1, 3, 1, 1, 1), (16, 24, 1, 3, 2, 1, 1), (3, 8, 1, 7, 2, 3, 1),  # dense
     (8, 8, 1, 3, 1, 2, 2), (6, 16, 1, 5, 1, 0, 1), (3, 5, 1, (5, 3), 1, (2, 0), 1),  # dense, im2col input gradient
-    (6, 8, 1, 7, 1, 0, 1), (4, 8, 1, 5, 1, 1, 2), (3, 5, 1, (3, 7), 1, (1, 0), 1),  # ... banded rows (narrow input)
+    (6, 8, 1, 7, 1, 0, 1), (4, 8, 1, 5, 1, 1, 2), (3, 5, 1, (3, 7), 1, (1, 0), 1),  # ... banded rows, forward too
     (12, 8, 1, 5, (3, 2), (3, 1), 1), (12, 8, 1, 2, 2, 0, 1),  # strided, 9+ input channels: phased input gradient
     (12, 8, 1, 1, 2, 1, 1), (12, 8, 1, 2, 4, 0, 1),        # ... phases no tap reaches (padded 1x1; stride > kernel)
     (12, 8, 1, 3, 2, 2, 2),                                # strided and dilated: XLA's
@@ -263,7 +263,8 @@ def test_cpu_convolution_paths_and_their_gradients_match_torch_in_float32(cin, c
     # float32 grouped, depthwise and one-input-channel convolutions take layers.convolve's
     # CPU path (tap sums and their own gradients), unpadded 1x1 ones dots for their gradients;
     # dense stride-1 ones with at most 8 input channels take the input's gradient from im2col,
-    # or from banded rows where the input is at most BANDED_MAX_WIDTH_RATIO x the kernel's span wide
+    # or from banded rows where the input is at most BANDED_MAX_WIDTH_RATIO x the kernel's span
+    # wide, and then their forward as well (banded rows in pieces of 2, 7 and 2 columns here)
     rng = np.random.default_rng(cin + cout + groups)
     x = rng.standard_normal((3, 17, 20, cin)).astype(np.float32)
     conv = layers.Conv2d(cout, k, stride=s, padding=p, dilation=d, groups=groups)
@@ -512,7 +513,7 @@ def test_convolution_gradient_is_traced_without_conditionals(x_shape, kernel_sha
 
 
 @pytest.mark.parametrize("cin,width,stride,platform,convolutions,dots,gemm", [
-    (6, 12, 1, "cpu", 1, 1, "-> tensor<16x360xf32>"),  # the input's gradient: a GEMM to 5 rows x 12 x 6 (banded rows)
+    (6, 12, 1, "cpu", 0, 2, "-> tensor<16x360xf32>"),  # the input's gradient: a GEMM to 5 rows x 12 x 6 (banded rows)
     (6, 40, 1, "cpu", 1, 1, "x25x6xf32>"),   # wider than BANDED_MAX_WIDTH_RATIO x 5: to 5 x 5 taps x 6 (im2col)
     (6, 12, 1, "cuda", 2, 0, None),          # XLA's convolution off CPU
     (6, 12, 2, "cpu", 2, 0, None),           # strided: XLA's
@@ -527,7 +528,31 @@ def test_few_channel_convolution_input_gradient_is_a_dot_on_cpu_only(cin, width,
     text = jax.jit(input_gradient).trace(x).lower(lowering_platforms=(platform,)).as_text()
     assert (text.count("stablehlo.convolution"), text.count("stablehlo.dot_general")) == (convolutions, dots)
     if gemm:
-        assert gemm in next(line for line in text.splitlines() if "stablehlo.dot_general" in line)
+        assert any(gemm in line for line in text.splitlines() if "stablehlo.dot_general" in line)
+
+
+@pytest.mark.parametrize("batch,width,kernel,dilation,gemm", [
+    (2, 12, 5, 1, "(tensor<32x240xf32>, tensor<240x64xf32>) -> tensor<32x64xf32>"),  # 8 columns in pieces of 4
+    (2, 13, 5, 1, "(tensor<48x210xf32>, tensor<210x48xf32>) -> tensor<48x48xf32>"),  # 9 columns: pieces of 3
+    (2, 11, 5, 1, "(tensor<112x150xf32>, tensor<150x16xf32>) -> tensor<112x16xf32>"),  # 7 columns: pieces of 1
+    (2, 12, 3, 2, "(tensor<32x144xf32>, tensor<144x64xf32>) -> tensor<32x64xf32>"),  # span 5, dilated: pieces of 4
+    (1, 12, 5, 1, None),        # 16 rows, fewer than BANDED_FORWARD_MIN_ROWS: XLA's convolution
+])
+def test_narrow_few_channel_convolution_forward_is_banded_pieces_on_cpu_only(batch, width, kernel, dilation, gemm):
+    # where the input gradient is banded rows, the forward is too, in the widest piece of at
+    # most span - 1 output columns that divides the row, unless the product has few rows;
+    # XLA's convolution off CPU
+    conv = layers.Conv2d(16, kernel, dilation=dilation, use_bias=False)
+    x = jnp.zeros((batch, 12, width, 6))
+    variables = conv.init(jax.random.key(0), x)
+    forward = jax.jit(lambda v, a: conv.apply(v, a)).trace(variables, x)
+    cpu, cuda = (forward.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
+    if gemm:
+        assert "stablehlo.convolution" not in cpu and cpu.count("stablehlo.dot_general") == 1
+        assert gemm in next(line for line in cpu.splitlines() if "stablehlo.dot_general" in line)
+    else:
+        assert cpu.count("stablehlo.convolution") == 1 and "stablehlo.dot_general" not in cpu
+    assert cuda.count("stablehlo.convolution") == 1 and "stablehlo.dot_general" not in cuda
 
 
 def test_few_channel_convolution_input_gradient_is_held_on_cpu():
