@@ -330,12 +330,26 @@ def _conv_taps(x, kh, kw, stride, padding, dilation, pad_value=0):
 
 # A group with at most this many input channels runs as a tap sum on CPU (see _grouped_forward).
 TAP_SUM_MAX_GROUP_CHANNELS = 8
+# Groups with more, up to this many, run as XLA's grouped convolution on pairs of groups.
+PAIRED_GROUP_MAX_CHANNELS = 16
 
 
 def _grouped_forward(x, kernel, stride, padding, dilation, groups):
     kh, kw, cin_group, cout = kernel.shape
     if cin_group > TAP_SUM_MAX_GROUP_CHANNELS:
-        return _xla_conv(x, kernel, stride, padding, dilation, groups)
+        if cin_group > PAIRED_GROUP_MAX_CHANNELS or groups % 2:
+            return _xla_conv(x, kernel, stride, padding, dilation, groups)
+        # XLA:CPU runs a grouped convolution one group at a time, and a group of 16 channels
+        # at well under half the rate of one of 32: half as many groups of twice the
+        # channels, with a block-diagonal kernel, take less time for twice the multiply-adds
+        # (the added ones by exact zeros, so the sums are the same). Batch 16, ms, XLA's /
+        # paired: 14x14x512, 32 groups, 16.5 / 14.2; the same, stride 2 from 28x28, 27.4 /
+        # 21.7; 28x28x512 76.6 / 56.6. With 32 channels a group pairing loses (7x7x1024:
+        # 5.0 / 8.5). A zero times an infinite or NaN input is NaN, which would reach the
+        # other group of the pair, so an input that is not all finite takes XLA's own.
+        return lax.cond(jnp.all(jnp.isfinite(x)),
+                        lambda a, k: _xla_conv(a, _paired_groups(k, groups), stride, padding, dilation, groups // 2),
+                        lambda a, k: _xla_conv(a, k, stride, padding, dilation, groups), x, kernel)
     # The tap sum is a chain of multiplies and adds that XLA, seeing cheap elementwise work,
     # copies into every consumer it fuses with: BatchNorm's reductions, the gradient's pads
     # and transposes (ResNeXt-50's train step took 4.5x longer, EfficientNet-B0's 1.6x). A
@@ -347,6 +361,16 @@ def _grouped_forward(x, kernel, stride, padding, dilation, groups):
     return lax.cond(jnp.isfinite(kernel[0, 0, 0, 0]),
                     lambda a, k: _tap_sum(a, k, stride, padding, dilation, groups),
                     lambda a, k: _xla_conv(a, k, stride, padding, dilation, groups), x, kernel)
+
+
+def _paired_groups(kernel, groups):
+    """The kernel of the same convolution with ``groups // 2`` groups: each pair of groups
+    one group, its kernel block-diagonal (zeros where one group's outputs meet the other
+    group's inputs)."""
+    kh, kw, cin_group, cout = kernel.shape
+    pairs = kernel.reshape(kh, kw, 1, cin_group, groups // 2, 2, cout // groups)
+    diagonal = np.eye(2, dtype=bool)[:, None, None, :, None]      # (input half, -, -, output half, -)
+    return jnp.where(diagonal, pairs, jnp.zeros((), kernel.dtype)).reshape(kh, kw, 2 * cin_group, cout)
 
 
 def _tap_sum(x, kernel, stride, padding, dilation, groups):
@@ -430,9 +454,11 @@ def _grouped_kernel_gradient(x, g, kernel_shape, stride, padding, dilation, grou
 #   112x112x96, stride 2, 2.1 s forward and 3.5 s for the input's gradient. Here each pass
 #   is a computation XLA does well: the forward is :func:`_grouped_forward`, a sum over
 #   taps and a group's input channels where a group has few input channels (one fused
-#   loop: 0.10 s and 0.11 s for the two layers above), else XLA's own grouped convolution;
-#   the input gradient is the same forward run on the output gradient (dilated by the
-#   stride and padded) with the flipped kernel (:func:`_grouped_input_gradient`); the
+#   loop: 0.10 s and 0.11 s for the two layers above), else XLA's own grouped convolution
+#   (on pairs of groups where a group has 9-16 channels); the input gradient is the same
+#   forward run on the output gradient (padded) with the flipped kernel
+#   (:func:`_grouped_input_gradient`), or with a stride once per phase of the input (each
+#   phase with the kernel taps that reach it, :func:`_phased_input_gradient`); the
 #   kernel gradient is one grouped convolution of the input with the output gradient as
 #   its kernel, batch and channels swapped, so that each group's contraction runs over
 #   batch x height x width (:func:`_grouped_kernel_gradient`: 0.36 s instead of 50 s).
@@ -481,10 +507,10 @@ def _conv_default(x, kernel, *, stride, padding, dilation, groups):
 
 
 def _conv_input_gradient_cpu(g, kernel, *, input_shape, **conv):
+    if _is_phased(kernel.shape, **conv):
+        return _phased_input_gradient(g, kernel, input_shape, conv["stride"], conv["padding"], conv["groups"])
     if _is_grouped(kernel.shape, conv["groups"]):
         return _grouped_input_gradient(g, kernel, input_shape, **conv)
-    if _is_phased(kernel.shape, **conv):
-        return _phased_input_gradient(g, kernel, input_shape, conv["stride"], conv["padding"])
     return _input_gradient(_input_term_cpu, g, kernel, input_shape=input_shape, **conv)
 
 
@@ -584,16 +610,16 @@ def _input_term_cpu(x_dot, kernel, *, stride, padding, dilation, groups):
                                     rhs_dilation=dilation, dimension_numbers=("NHWC", "HWOI", "NHWC"))
 
 
-# A dense strided float32 convolution with at least this many input channels (and no
-# dilation) takes its input's gradient from stride x stride phases on CPU (see
-# _phased_input_gradient); with fewer, the phases' convolutions have too few output
-# channels (3 -> 32, 3x3 stride 2 at 224x224, batch 8: XLA's 4 ms, phases 12 ms).
+# A strided float32 convolution without dilation takes its input's gradient from stride x
+# stride phases on CPU (see _phased_input_gradient) if it is grouped (or depthwise), or
+# dense with at least this many input channels; with fewer, a dense one's phases have too
+# few output channels (3 -> 32, 3x3 stride 2 at 224x224, batch 8: XLA's 4 ms, phases 12 ms).
 PHASES_MIN_INPUT_CHANNELS = 9
 
 
 def _is_phased(kernel_shape, *, stride, padding, dilation, groups) -> bool:
     return (stride != (1, 1) and dilation == (1, 1) and not _is_pointwise(kernel_shape, padding)
-            and kernel_shape[2] >= PHASES_MIN_INPUT_CHANNELS)
+            and (groups > 1 or kernel_shape[2] >= PHASES_MIN_INPUT_CHANNELS))
 
 
 def _phase_taps(k: int, s: int, pad_low: int, phase: int, size: int, g_size: int):
@@ -612,20 +638,25 @@ def _phase_taps(k: int, s: int, pad_low: int, phase: int, size: int, g_size: int
     return rows, (-first, count - 1 + last - (g_size - 1))
 
 
-def _phased_input_gradient(g, kernel, input_shape, stride, padding):
+def _phased_input_gradient(g, kernel, input_shape, stride, padding, groups=1):
     """The input gradient of a strided (dilation-1) convolution as stride x stride stride-1
     convolutions of the output gradient, one per phase of the input -- the rows ``p, p + s,
     ...`` and columns ``q, q + s, ...`` -- each with the kernel taps that reach that phase
-    (for 3x3 stride 2: 1, 2, 2 and 4 taps), interleaved into the input's shape.
+    (for 3x3 stride 2: 1, 2, 2 and 4 taps), interleaved into the input's shape. A grouped
+    one's phases are grouped forwards (:func:`_grouped_forward`: tap sums or XLA's).
 
     XLA's input gradient is one convolution of the output gradient spread out by the stride
     (zeros between), and XLA:CPU multiplies the zeros too. Input gradient alone, 2 cores,
     XLA's / phases, ms: ResNet-50's 3x3 stride-2 layers at batch 16, 56x56x128 57-72 / 22,
     28x28x256 23 / 20, 14x14x512 24 / 21; ResNet-18's at batch 32, 56x56x64 <- 128 60 / 32,
     28x28x128 <- 256 37 / 20; Inception-v3's 35x35x288 <- 384 (3x3 stride 2, unpadded) 180
-    / 129 (torch's 56x56x64 <- 128: 45 ms). Each phase's convolution is written in XLA:CPU's
-    own order (kernel (h, w, in, out))."""
+    / 129 (torch's 56x56x64 <- 128: 45 ms). Grouped, at batch 32, the stride-spread
+    gradient's forward / phases: ResNeXt-50's 3x3 layers at 56x56x256 (8 channels a group)
+    177 / 85, 28x28x512 (16) 114 / 84, 14x14x1024 (32) 36 / 21; EfficientNet-B0's depthwise
+    5x5 at 56x56x144 32 / 15 and 14x14x672 7.4 / 4.3, 3x3 at 112x112x96 127-132 / 129-135.
+    Each phase's convolution is written in XLA:CPU's own order (kernel (h, w, in, out))."""
     n, h, w, cin = input_shape
+    cin_group, cout_group = kernel.shape[2], kernel.shape[3] // groups
     full = tuple(-(-size // s) for size, s in zip((h, w), stride))       # rows of the largest phase
     zero = jnp.zeros((), g.dtype)
     phase_rows = []
@@ -639,15 +670,20 @@ def _phased_input_gradient(g, kernel, input_shape, stride, padding):
                 out = jnp.zeros((n, *size, cin), g.dtype)
             else:
                 (rows, pad_h), (cols, pad_w) = taps
-                # the taps s apart, in descending order: (th, tw, out, in)
+                # the taps s apart, in descending order: (th, tw, a group's out, in)
                 sub = kernel[rows[-1]:rows[0] + 1:stride[0], cols[-1]:cols[0] + 1:stride[1]][::-1, ::-1]
-                sub = sub.transpose(0, 1, 3, 2)
+                th, tw = sub.shape[:2]
+                sub = (sub.reshape(th, tw, cin_group, groups, cout_group).transpose(0, 1, 4, 3, 2)
+                       .reshape(th, tw, cout_group, cin))
                 # negative padding crops the gradient first; the convolution pads the rest
                 cropped = lax.pad(g, zero, ((0, 0, 0), (min(pad_h[0], 0), min(pad_h[1], 0), 0),
                                             (min(pad_w[0], 0), min(pad_w[1], 0), 0), (0, 0, 0)))
-                out = lax.conv_general_dilated(cropped, sub, (1, 1), (tuple(max(v, 0) for v in pad_h),
-                                                                      tuple(max(v, 0) for v in pad_w)),
-                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                pads = (tuple(max(v, 0) for v in pad_h), tuple(max(v, 0) for v in pad_w))
+                if groups > 1:
+                    out = _grouped_forward(cropped, sub, (1, 1), pads, (1, 1), groups)
+                else:
+                    out = lax.conv_general_dilated(cropped, sub, (1, 1), pads,
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
             phase_row.append(lax.pad(out, zero, ((0, 0, 0), (0, full[0] - size[0], 0),
                                                  (0, full[1] - size[1], 0), (0, 0, 0))))
         phase_rows.append(jnp.stack(phase_row, axis=3))                    # (n, A, B, sw, in)

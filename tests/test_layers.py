@@ -246,7 +246,8 @@ def test_a_parameter_of_the_wrong_shape_is_named_in_the_error():
 @pytest.mark.parametrize("cin,cout,groups,k,s,p,d", [
     (1, 6, 1, 5, 1, 0, 1), (1, 6, 1, 3, 2, 1, 1), (1, 6, 1, 3, 1, 2, 2), (1, 6, 1, 4, 3, (1, 2), 1),  # one channel
     (32, 32, 8, 3, 1, 1, 1), (32, 64, 8, 3, 2, 1, 1),      # ResNeXt-style groups of 4 channels: tap sum
-    (64, 64, 4, 3, 2, 1, 1), (48, 48, 3, 3, 1, 2, 2),      # 16 channels a group: XLA's forward
+    (64, 64, 4, 3, 2, 1, 1), (64, 64, 4, 3, 1, 1, 1),      # 16 channels a group: XLA's forward on pairs
+    (48, 48, 3, 3, 1, 2, 2), (64, 64, 2, 3, 2, 1, 1),      # ... an odd number of groups; 32 a group: unpaired
     (24, 24, 24, 5, 2, 2, 1), (16, 32, 16, 3, 1, 1, 1),    # depthwise, and with a multiplier of 2
     (8, 8, 8, 3, 1, 3, 1), (12, 12, 4, (3, 1), (2, 1), (1, 0), 1),  # padding beyond the kernel; 3x1
     (4, 8, 4, 2, 4, 0, 1),                                 # stride beyond the kernel: rows no tap meets
@@ -304,6 +305,45 @@ def test_grouped_convolution_is_xlas_own_off_cpu():
     # on CPU the forward and the input gradient are tap sums (beside XLA's convolution in a
     # conditional's other branch): one multiply per tap and input channel, twice
     assert cpu.count("stablehlo.multiply") >= 2 * 9 * 4
+
+
+@pytest.mark.parametrize("channels,groups,paired", [(64, 4, True), (48, 3, False), (64, 2, False), (32, 4, False)])
+def test_groups_of_9_to_16_channels_run_in_pairs_on_cpu(channels, groups, paired):
+    # an even number of groups of 9-16 channels: XLA's grouped convolution with half the
+    # groups (a block-diagonal kernel) in a conditional whose other branch, for an input
+    # that is not all finite, is the convolution as given; the input gradient too. Odd
+    # groups, 32 channels a group (unpaired) and 8 (a tap sum) are not paired
+    conv = layers.Conv2d(channels, 3, padding=1, groups=groups, use_bias=False)
+    x = jnp.zeros((2, 9, 9, channels))
+    cpu = _lowered_gradient(conv, x, "cpu")
+    counts = {g: cpu.count(f"feature_group_count = {g}") for g in (groups, groups // 2)}
+    if paired:
+        # forward and input gradient both ways, and the kernel gradient (unpaired)
+        assert counts == {groups: 3, groups // 2: 2}
+    else:
+        assert counts[groups // 2] == 0
+    # off CPU: XLA's convolutions, unpaired
+    assert _lowered_gradient(conv, x, "cuda").count(f"feature_group_count = {groups}") == 2
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_paired_groups_keep_a_non_finite_input_in_its_own_group_as_torch(stride):
+    # pairs multiply one group's inputs by the other group's zeros: a NaN or an infinity
+    # there must not reach the other group's outputs, as it does not in torch
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 9, 9, 64)).astype(np.float32)
+    x[0, 3, 3, 5] = np.nan
+    x[1, 2, 2, 40] = np.inf
+    conv = layers.Conv2d(64, 3, stride=stride, padding=1, groups=4, use_bias=False)
+    variables = conv.init(jax.random.key(0), jnp.asarray(x))
+    y = np.asarray(jax.jit(conv.apply)(variables, jnp.asarray(x)))
+    kernel = torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1).copy())
+    yt = torch.nn.functional.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), kernel, stride=stride,
+                                    padding=1, groups=4).numpy().transpose(0, 2, 3, 1)
+    assert np.isnan(yt).any() and not np.isnan(yt[..., 16:32]).any()   # groups 0 and 2 only
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(yt))
+    finite = np.isfinite(yt)
+    assert rel_err(y[finite], yt[finite]) < 1e-5
 
 
 def test_pointwise_kernel_gradient_reads_both_operands_as_they_lie():
@@ -449,6 +489,22 @@ def test_strided_convolution_input_gradient_is_phases_on_cpu(cin, stride, dilati
     assert all("b01f_01io->b01f" in line for line in lines)
 
 
+@pytest.mark.parametrize("channels,groups", [(8, 8), (32, 8), (64, 4)])   # depthwise, tap sums, pairs
+def test_strided_grouped_convolution_input_gradient_is_phases_on_cpu(channels, groups):
+    # as a dense one's: the output gradient is not spread out by the stride (zeros between)
+    # on CPU but convolved per phase of the input, each phase a grouped forward of its own
+    conv = layers.Conv2d(channels, 3, stride=2, padding=1, groups=groups, use_bias=False)
+    x = jnp.zeros((2, 12, 12, channels))
+    variables = conv.init(jax.random.key(0), x)
+    input_gradient = jax.grad(lambda a: jnp.sum(conv.apply(variables, a) ** 2))
+    cpu, cuda = (jax.jit(input_gradient).trace(x).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
+    spread = "interior = [0, 1, 1, 0]"
+    assert spread not in cpu and "lhs_dilate = [2, 2]" not in cpu
+    assert "lhs_dilate = [2, 2]" in cuda
+    # one conditional for the forward and one for each phase (a tap sum's or the pairs')
+    assert cpu.count("stablehlo.case") == 5
+
+
 @pytest.mark.parametrize("stride", [(2, 1), (1, 1)])   # (1, 1): the im2col input term
 def test_dense_convolution_forward_mode_is_xlas(stride):
     # jax.jvp through the held kernel term: the same numbers as XLA's own convolution's JVP
@@ -470,6 +526,7 @@ _CONVOLUTION_KINDS = [   # x shape, kernel shape, stride, padding, groups
     ((2, 9, 8, 16), (1, 1, 16, 8), (2, 2), ((0, 0), (0, 0)), 1),    # 1x1: dot gradients
     ((2, 9, 8, 8), (3, 3, 1, 8), (2, 2), ((1, 1), (1, 1)), 8),      # depthwise: tap sums
     ((2, 9, 8, 8), (3, 3, 2, 8), (1, 1), ((1, 1), (1, 1)), 4),      # grouped: tap sums
+    ((2, 9, 8, 32), (3, 3, 16, 32), (2, 2), ((1, 1), (0, 1)), 2),   # 16 channels a group: paired, phases
     ((2, 9, 8, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), 1),      # one input channel: a tap sum
     ((2, 3, 3, 4), (1, 1, 1, 4), (10, 10), ((2, 0), (2, 0)), 4),    # depthwise, the one window all padding
 ]
