@@ -653,7 +653,7 @@ def _phased_input_gradient(g, kernel, input_shape, stride, padding, groups=1):
     / 129 (torch's 56x56x64 <- 128: 45 ms). Grouped, at batch 32, the stride-spread
     gradient's forward / phases: ResNeXt-50's 3x3 layers at 56x56x256 (8 channels a group)
     177 / 85, 28x28x512 (16) 114 / 84, 14x14x1024 (32) 36 / 21; EfficientNet-B0's depthwise
-    5x5 at 56x56x144 32 / 15 and 14x14x672 7.4 / 4.3, 3x3 at 112x112x96 127-132 / 129-135.
+    5x5 at 56x56x144 32 / 15 and 14x14x672 7.4 / 4.3, 3x3 at 112x112x96 100-132 / 107-135.
     Each phase's convolution is written in XLA:CPU's own order (kernel (h, w, in, out))."""
     n, h, w, cin = input_shape
     cin_group, cout_group = kernel.shape[2], kernel.shape[3] // groups
