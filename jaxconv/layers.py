@@ -402,10 +402,16 @@ def _grouped_input_gradient(g, kernel, input_shape, stride, padding, dilation, g
         (spans[0] - padding[0][0], spans[0] - padding[0][1] + rests[0], stride[0] - 1),
         (spans[1] - padding[1][0], spans[1] - padding[1][1] + rests[1], stride[1] - 1),
         (0, 0, 0)))
-    cout_group = cout // groups
-    kernel_t = (kernel[::-1, ::-1].reshape(kh, kw, cin_group, groups, cout_group)
-                .transpose(0, 1, 4, 3, 2).reshape(kh, kw, cout_group, cin))
-    return _grouped_forward(g_spread, kernel_t, (1, 1), ((0, 0), (0, 0)), dilation, groups)
+    return _grouped_forward(g_spread, _transposed_per_group(kernel[::-1, ::-1], groups), (1, 1), ((0, 0), (0, 0)),
+                            dilation, groups)
+
+
+def _transposed_per_group(kernel, groups):
+    """The kernel (h, w, a group's in, out) of the transposed convolution: (h, w, a group's
+    out, in), each group's block transposed (for one group, in and out swapped)."""
+    kh, kw, cin_group, cout = kernel.shape
+    return (kernel.reshape(kh, kw, cin_group, groups, cout // groups).transpose(0, 1, 4, 3, 2)
+            .reshape(kh, kw, cout // groups, cin_group * groups))
 
 
 def _grouped_kernel_gradient(x, g, kernel_shape, stride, padding, dilation, groups):
@@ -656,7 +662,6 @@ def _phased_input_gradient(g, kernel, input_shape, stride, padding, groups=1):
     5x5 at 56x56x144 32 / 15 and 14x14x672 7.4 / 4.3, 3x3 at 112x112x96 100-132 / 107-135.
     Each phase's convolution is written in XLA:CPU's own order (kernel (h, w, in, out))."""
     n, h, w, cin = input_shape
-    cin_group, cout_group = kernel.shape[2], kernel.shape[3] // groups
     full = tuple(-(-size // s) for size, s in zip((h, w), stride))       # rows of the largest phase
     zero = jnp.zeros((), g.dtype)
     phase_rows = []
@@ -672,9 +677,7 @@ def _phased_input_gradient(g, kernel, input_shape, stride, padding, groups=1):
                 (rows, pad_h), (cols, pad_w) = taps
                 # the taps s apart, in descending order: (th, tw, a group's out, in)
                 sub = kernel[rows[-1]:rows[0] + 1:stride[0], cols[-1]:cols[0] + 1:stride[1]][::-1, ::-1]
-                th, tw = sub.shape[:2]
-                sub = (sub.reshape(th, tw, cin_group, groups, cout_group).transpose(0, 1, 4, 3, 2)
-                       .reshape(th, tw, cout_group, cin))
+                sub = _transposed_per_group(sub, groups)
                 # negative padding crops the gradient first; the convolution pads the rest
                 cropped = lax.pad(g, zero, ((0, 0, 0), (min(pad_h[0], 0), min(pad_h[1], 0), 0),
                                             (min(pad_w[0], 0), min(pad_w[1], 0), 0), (0, 0, 0)))

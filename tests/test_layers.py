@@ -316,14 +316,15 @@ def test_groups_of_9_to_16_channels_run_in_pairs_on_cpu(channels, groups, paired
     conv = layers.Conv2d(channels, 3, padding=1, groups=groups, use_bias=False)
     x = jnp.zeros((2, 9, 9, channels))
     cpu = _lowered_gradient(conv, x, "cpu")
-    counts = {g: cpu.count(f"feature_group_count = {g}") for g in (groups, groups // 2)}
+    found = re.findall(r"feature_group_count = (\d+)", cpu)
+    counts = {g: found.count(str(g)) for g in (groups, groups // 2)}
     if paired:
         # forward and input gradient both ways, and the kernel gradient (unpaired)
         assert counts == {groups: 3, groups // 2: 2}
     else:
         assert counts[groups // 2] == 0
     # off CPU: XLA's convolutions, unpaired
-    assert _lowered_gradient(conv, x, "cuda").count(f"feature_group_count = {groups}") == 2
+    assert re.findall(r"feature_group_count = (\d+)", _lowered_gradient(conv, x, "cuda")).count(str(groups)) == 2
 
 
 @pytest.mark.parametrize("stride", [1, 2])
