@@ -1356,6 +1356,8 @@ class AdaptiveAvgPool2d(nn.Module):
         (h, w), (H, W) = _pair(self.output_size), x.shape[1:3]
         if (H, W) == (h, w):
             return x
+        if (h, w) == (1, 1):
+            return global_avg_pool(x)[:, None, None, :]
         if H % h == 0 and W % w == 0:  # equal bins: a plain mean, as torch computes it
             return x.reshape(x.shape[0], h, H // h, w, W // w, x.shape[3]).mean(axis=(2, 4))
         mh = jnp.asarray(adaptive_pool_matrix(H, h), x.dtype)
@@ -1387,8 +1389,44 @@ class Flatten(nn.Module):
 
 
 def global_avg_pool(x):
-    """AdaptiveAvgPool2d((1, 1)) followed by flatten."""
+    """AdaptiveAvgPool2d((1, 1)) followed by flatten: each image's mean over its rows and
+    columns. On CPU, for float32, the sums are a product with ones
+    (:func:`_image_means_by_dot`)."""
+    if x.dtype != jnp.float32 or not x.size:
+        return jnp.mean(x, axis=(1, 2))
+    return _image_means(x)
+
+
+@jax.custom_jvp
+def _image_means(x):
+    return lax.platform_dependent(x, cpu=_image_means_by_dot, default=_image_means_by_reduction)
+
+
+@_image_means.defjvp
+def _image_means_jvp(primals, tangents):
+    # the tangent as a reduction, so that the gradient is its transpose, a broadcast, and
+    # not the transposed product (an outer product with ones)
+    (x,), (dx,) = primals, tangents
+    return _image_means(x), _image_means_by_reduction(dx)
+
+
+def _image_means_by_reduction(x):
     return jnp.mean(x, axis=(1, 2))
+
+
+def _image_means_by_dot(x):
+    """The means as one product per image, ones (1, rows x columns) times its (rows x
+    columns, channels) matrix. XLA:CPU runs the reduction over the middle axes as a loop
+    per output value that reads along the rows, and fuses into it the elementwise ops
+    that produce its input: ResNet-50's last three blocks' BatchNorms, additions and
+    ReLUs, all but the last of which it has already written for the next block. With such a
+    two-block chain behind it, ms, reduction / product: batch 16, 7x7x2048 7.8 / 3.1;
+    batch 32 10.8 / 5.5; batch 16, 7x7x1024 2.2 / 0.9; batch 1, 7x7x2048 0.42 / 0.25."""
+    n, h, w, c = x.shape
+    ones = jnp.ones((n, 1, h * w), x.dtype)
+    sums = lax.dot_general(ones, x.reshape(n, h * w, c), (((2,), (1,)), ((0,), (0,))),
+                           precision=lax.Precision.HIGHEST)
+    return sums.reshape(n, c) / (h * w)
 
 
 # ----------------------------------------------------------------------------- sequences

@@ -199,6 +199,38 @@ def test_adaptive_avg_pool_matches_torch(in_hw, out_hw):
     assert rel_err(out, ref) <= 1e-14
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 7, 40), (1, 1, 1, 3), (3, 5, 9, 2)])
+def test_global_avg_pool_in_float32_matches_torch_with_its_gradient(shape):
+    # on CPU the float32 means are a product with ones; their gradient a broadcast
+    x = rand(*shape).astype(np.float32)
+    g = rand(shape[0], shape[-1], seed=1).astype(np.float32)
+    pool = layers.AdaptiveAvgPool2d((1, 1))
+    y, vjp = jax.vjp(jax.jit(lambda v: pool.apply({}, v)), jnp.asarray(x))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    yt = torch.nn.AdaptiveAvgPool2d((1, 1))(xt)
+    yt.backward(torch.from_numpy(g[:, :, None, None].copy()))
+    assert y.shape == (shape[0], 1, 1, shape[-1])
+    exact = torch_run(torch.nn.AdaptiveAvgPool2d((1, 1)), x.astype(np.float64))
+    assert rel_err(np.asarray(y), exact) <= 4 * rel_err(yt.detach().numpy().transpose(0, 2, 3, 1), exact) + 1e-6
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g[:, None, None, :]))[0]),
+                               xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(layers.global_avg_pool(jnp.asarray(x))), np.asarray(y)[:, 0, 0], rtol=0)
+    _, dy = jax.jvp(layers.global_avg_pool, (jnp.asarray(x),), (jnp.asarray(x),))
+    np.testing.assert_allclose(np.asarray(dy), exact[:, 0, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_global_avg_pool_is_a_product_on_cpu_and_its_gradient_a_broadcast():
+    # XLA:CPU's reduction over the middle axes reads along rows, with the producing
+    # BatchNorms, additions and ReLUs fused in (ResNet-50, batch 16: 7.8 against 3.1 ms)
+    x = jnp.zeros((2, 7, 7, 16))
+    forward = jax.jit(layers.global_avg_pool).trace(x)
+    gradient = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(layers.global_avg_pool(a))))).trace(x)
+    cpu, cuda = (forward.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
+    assert "dot_general" in cpu and "stablehlo.reduce" not in cpu
+    assert "dot_general" not in cuda and "stablehlo.reduce" in cuda
+    assert gradient.lower(lowering_platforms=("cpu",)).as_text().count("dot_general") == 1   # the forward's
+
+
 @pytest.mark.parametrize("k,s,p,d,g", [(3, 1, 1, 1, 1), (11, 4, 2, 1, 1), (3, 2, 1, 1, 4), (3, 1, 2, 2, 1),
                                        (3, 2, 1, 1, 8), (1, 1, 0, 1, 2), ((1, 7), 1, (0, 3), 1, 1)])
 def test_conv_matches_torch(k, s, p, d, g):
