@@ -123,6 +123,23 @@ def test_max_pool_output_is_a_chain_of_maxima_on_cpu_from_9_channels(channels, c
         assert cpu.count("stablehlo.maximum") == 8
 
 
+@pytest.mark.parametrize("what,stride,padded_copy", [
+    ("depthwise", 2, False), ("depthwise", 1, True), ("grouped", 2, True), ("pool", 2, False), ("pool", 1, True)])
+def test_strided_depthwise_convolution_and_max_pool_pad_each_tap_on_cpu(what, stride, padded_copy):
+    # strided, each tap reads a fraction of the input: padding each tap's own slice inside
+    # the loop that reads it beats writing a padded copy of the input (EfficientNet-B0's
+    # 3x3 stride-2 depthwise layer at batch 16: 61 -> 31 ms; ResNet's stem pool 20 -> 3 ms)
+    x = jnp.zeros((2, 9, 9, 16))
+    if what == "pool":
+        forward = jax.jit(lambda a: layers.MaxPool2d(3, stride, 1).apply({}, a))
+    else:
+        kernel = jnp.ones((3, 3, 1 if what == "depthwise" else 4, 16))
+        groups = 16 if what == "depthwise" else 4
+        forward = jax.jit(lambda a: layers.convolve(a, kernel, (stride, stride), ((1, 1), (1, 1)), groups=groups))
+    cpu = forward.trace(x).lower(lowering_platforms=("cpu",)).as_text()
+    assert ("-> tensor<2x11x11x16xf32>" in cpu) is padded_copy
+
+
 @pytest.mark.parametrize("k,s,p,ceil_mode", [(3, 2, 1, False), (2, 2, 0, False), (3, 2, 0, True), (3, 1, 1, True)])
 def test_max_pool_forward_mode_takes_the_tangent_at_torchs_argmax(k, s, p, ceil_mode):
     # jax.jvp works through the pool: the output tangent is the input tangent at the
