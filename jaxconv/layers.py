@@ -404,16 +404,16 @@ def _tap_sum(x, kernel, stride, padding, dilation, groups):
     kh, kw, cin_group, cout = kernel.shape
     n = x.shape[0]
     cout_group = cout // groups
-    # A strided depthwise (or one-input-channel) convolution's taps each pad their own slice:
-    # depthwise, batch 16, forward / forward and gradient, ms, the padded input's slices
-    # against each tap padded: 3x3 stride 2 at 112x112x96 (EfficientNet-B0's) 61.0 / 212.0
+    # A strided depthwise convolution's taps each pad their own slice. Batch 16, forward /
+    # forward and gradient, ms, the padded input's slices against each tap padded: 3x3 stride 2 at 112x112x96 (EfficientNet-B0's) 61.0 / 212.0
     # against 30.8 / 179.7; 5x5 stride 2 at 56x56x144 24.0 / 85.4 against 9.2 / 77.2; 3x3
     # stride 2 at 28x28x240 2.3 / 29.7 against 2.0 / 17.0; 5x5 stride 2 at 14x14x672 2.2 /
     # 17.2 against 3.0 / 16.8. Not at stride 1, where each tap reads the whole input (3x3
     # at 56x56x144: 25.1 against 32.8), nor with 8 input channels a group (ResNeXt's 3x3
-    # stride 2 at 56x56x256, 68.6 against 73.3).
+    # stride 2 at 56x56x256, 68.6 against 73.3), nor with one input channel, where it is level
+    # or slower (5x5 stride 2 at 28x28x1 -> 6, batch 256: forward 0.67 against 0.92).
     taps, (oh, ow) = _conv_taps(x, kh, kw, stride, padding, dilation,
-                                pad_each=cin_group == 1 and tuple(stride) != (1, 1))
+                                pad_each=cin_group == 1 and groups > 1 and tuple(stride) != (1, 1))
     weights = kernel.reshape(kh * kw, cin_group, groups, cout_group)
     y = None
     for t, tap in enumerate(taps):
