@@ -404,14 +404,15 @@ def _tap_sum(x, kernel, stride, padding, dilation, groups):
     kh, kw, cin_group, cout = kernel.shape
     n = x.shape[0]
     cout_group = cout // groups
-    # A strided depthwise convolution's taps each pad their own slice. Batch 16, forward /
-    # forward and gradient, ms, the padded input's slices against each tap padded: 3x3 stride 2 at 112x112x96 (EfficientNet-B0's) 61.0 / 212.0
-    # against 30.8 / 179.7; 5x5 stride 2 at 56x56x144 24.0 / 85.4 against 9.2 / 77.2; 3x3
-    # stride 2 at 28x28x240 2.3 / 29.7 against 2.0 / 17.0; 5x5 stride 2 at 14x14x672 2.2 /
-    # 17.2 against 3.0 / 16.8. Not at stride 1, where each tap reads the whole input (3x3
-    # at 56x56x144: 25.1 against 32.8), nor with 8 input channels a group (ResNeXt's 3x3
-    # stride 2 at 56x56x256, 68.6 against 73.3), nor with one input channel, where it is level
-    # or slower (5x5 stride 2 at 28x28x1 -> 6, batch 256: forward 0.67 against 0.92).
+    # A strided depthwise convolution's taps each pad their own slice. Batch 16, ms, forward /
+    # forward and gradient, the padded input's slices against each tap padded: 3x3 stride 2
+    # at 112x112x96 (EfficientNet-B0's) 61.0 / 212.0 against 30.8 / 179.7; 5x5 stride 2 at
+    # 56x56x144 24.0 / 85.4 against 9.2 / 77.2; 3x3 stride 2 at 28x28x240 2.3 / 29.7 against
+    # 2.0 / 17.0; 5x5 stride 2 at 14x14x672 2.2 / 17.2 against 3.0 / 16.8. Not at stride 1,
+    # where each tap reads the whole input (3x3 at 56x56x144: 25.1 against 32.8), nor with 8
+    # input channels a group (ResNeXt's 3x3 stride 2 at 56x56x256: 68.6 against 73.3), nor
+    # with one input channel, where it is level or slower (5x5 stride 2 at 28x28x1 -> 6,
+    # batch 256: forward 0.67 against 0.92).
     taps, (oh, ow) = _conv_taps(x, kh, kw, stride, padding, dilation,
                                 pad_each=cin_group == 1 and groups > 1 and tuple(stride) != (1, 1))
     weights = kernel.reshape(kh * kw, cin_group, groups, cout_group)
@@ -1248,10 +1249,10 @@ def _maximum_of_taps(x, window, strides, padding):
     Batch 16, with a BatchNorm-ReLU producer, ms, reduce-window / taps: 2x2 at 224x224x64
     (VGG-16's first) 87.4 / 21.5, at 112x112x128 42.7 / 5.3, at 56x56x256 24.5 / 3.9; 3x3
     stride 2 at 112x112x64 (ResNet's) 24.7 / 20.1; 3x3 stride 1 at 28x28x256 (GoogLeNet's
-    inception) 8.7 / 3.3; 3x3 stride 2 at 55x55x64 (AlexNet's first) 2.5 / 0.8. With few channels the
-    taps' loops are short and the reduce-window wins (LeNet5's 24x24x6, batch 256: 0.35 /
-    0.63; 8 channels 0.58 / 0.86; 12 channels 1.66 / 0.70). The same values: the maximum is
-    a NaN wherever the window holds one, as ``lax.max`` and torch's pool give.
+    inception) 8.7 / 3.3; 3x3 stride 2 at 55x55x64 (AlexNet's first) 2.5 / 0.8. With few
+    channels the taps' loops are short and the reduce-window wins (LeNet5's 24x24x6, batch
+    256: 0.35 / 0.63; 8 channels 0.58 / 0.86; 12 channels 1.66 / 0.70). The same values: the
+    maximum is a NaN wherever the window holds one, as ``lax.max`` and torch's pool give.
 
     A strided pool's taps each pad their own slice (:func:`_conv_taps`), so that no padded
     copy of the input is written: 3x3 stride 2 at 112x112x64, batch 16, 20.3 -> 2.8 ms; with
