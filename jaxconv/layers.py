@@ -722,8 +722,7 @@ def _phased_input_gradient(g, kernel, input_shape, stride, padding, groups=1):
                 if groups > 1:
                     out = _grouped_forward(cropped, sub, (1, 1), pads, (1, 1), groups)
                 else:
-                    out = lax.conv_general_dilated(cropped, sub, (1, 1), pads,
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                    out = _xla_conv(cropped, sub, (1, 1), pads, (1, 1))
             phase_row.append(lax.pad(out, zero, ((0, 0, 0), (0, full[0] - size[0], 0),
                                                  (0, full[1] - size[1], 0), (0, 0, 0))))
         phase_rows.append(jnp.stack(phase_row, axis=3))                    # (n, A, B, sw, in)
@@ -1435,7 +1434,7 @@ def global_avg_pool(x):
     columns. On CPU, for float32, the sums are a product with ones
     (:func:`_image_means_by_dot`)."""
     if x.dtype != jnp.float32 or not x.size:
-        return jnp.mean(x, axis=(1, 2))
+        return _image_means_by_reduction(x)
     return _image_means(x)
 
 
