@@ -620,12 +620,14 @@ _CONVOLUTION_KINDS = [   # x shape, kernel shape, stride, padding, groups
 def test_convolution_transformations_are_xlas(x_shape, kernel_shape, stride, pads, groups):
     # every CPU form of a float32 convolution under every transformation -- eager, forward
     # mode (grouped convolutions had none), reverse mode, forward over reverse, reverse over
-    # reverse, vmap of the gradient -- gives XLA's own convolution's numbers
+    # reverse, vmap of the gradient -- is as close to the exact (float64) numbers as XLA's own
+    # float32 convolution is: the two round differently, and through the sines of the second
+    # derivatives each lands a few 1e-6 from the exact value (the pairs' on the AVX2 host)
     rng = np.random.default_rng(sum(kernel_shape))
-    x, x_dot = (jnp.asarray(rng.standard_normal(x_shape), jnp.float32) for _ in range(2))
-    k, k_dot = (jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32) for _ in range(2))
+    inputs = [rng.standard_normal(shape) for shape in (x_shape, x_shape, kernel_shape, kernel_shape)]
 
-    def results(conv):
+    def results(conv, dtype):
+        x, x_dot, k, k_dot = (jnp.asarray(a, dtype) for a in inputs)
         loss = lambda a, b: jnp.sum(jnp.sin(conv(a, b)))     # noqa: E731
         grad = jax.grad(loss, argnums=(0, 1))
         return [conv(x, k),
@@ -634,11 +636,15 @@ def test_convolution_transformations_are_xlas(x_shape, kernel_shape, stride, pad
                 jax.jit(lambda *a: jax.jvp(grad, a[:2], a[2:])[1])(x, k, x_dot, k_dot),
                 jax.jit(jax.grad(lambda a, b: jnp.sum(grad(a, b)[1] ** 2), argnums=(0, 1)))(x, k),
                 jax.jit(jax.vmap(jax.grad(lambda a, b: loss(a[None], b), argnums=(0, 1)), (0, None)))(x, k)]
-    ours = results(lambda a, b: layers.convolve(a, b, stride, pads, (1, 1), groups))
-    xlas = results(lambda a, b: layers._xla_conv(a, b, stride, pads, (1, 1), groups))
-    for what, mine, ref in zip(["eager", "jvp", "grad", "jvp of grad", "grad of grad", "vmap of grad"], ours, xlas):
-        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(ref)):
-            assert a.shape == b.shape and rel_err(np.asarray(a), np.asarray(b)) < 5e-6, what
+    xla_conv = lambda a, b: layers._xla_conv(a, b, stride, pads, (1, 1), groups)     # noqa: E731
+    ours = results(lambda a, b: layers.convolve(a, b, stride, pads, (1, 1), groups), jnp.float32)
+    xlas = results(xla_conv, jnp.float32)
+    with jax.enable_x64(True):
+        exact = jax.tree.map(np.asarray, results(xla_conv, jnp.float64))
+    for what, mine, ref, right in zip(["eager", "jvp", "grad", "jvp of grad", "grad of grad", "vmap of grad"], ours, xlas, exact):
+        for a, b, c in zip(jax.tree.leaves(mine), jax.tree.leaves(ref), jax.tree.leaves(right)):
+            assert a.shape == b.shape == c.shape and a.dtype == b.dtype == np.float32, what
+            assert rel_err(a, c) <= 2 * rel_err(b, c) + 1e-6, what
 
 
 @pytest.mark.parametrize("x_shape,kernel_shape,stride,pads,groups", _CONVOLUTION_KINDS)
