@@ -624,7 +624,7 @@ def test_convolution_transformations_are_xlas(x_shape, kernel_shape, stride, pad
     # float32 convolution is: the two round differently, and through the sines of the second
     # derivatives each lands a few 1e-6 from the exact value (the pairs' on the AVX2 host)
     rng = np.random.default_rng(sum(kernel_shape))
-    inputs = [rng.standard_normal(shape) for shape in (x_shape, x_shape, kernel_shape, kernel_shape)]
+    inputs = [rng.standard_normal(shape).astype(np.float32) for shape in (x_shape, x_shape, kernel_shape, kernel_shape)]
 
     def results(conv, dtype):
         x, x_dot, k, k_dot = (jnp.asarray(a, dtype) for a in inputs)
@@ -643,7 +643,7 @@ def test_convolution_transformations_are_xlas(x_shape, kernel_shape, stride, pad
         exact = jax.tree.map(np.asarray, results(xla_conv, jnp.float64))
     for what, mine, ref, right in zip(["eager", "jvp", "grad", "jvp of grad", "grad of grad", "vmap of grad"], ours, xlas, exact):
         for a, b, c in zip(jax.tree.leaves(mine), jax.tree.leaves(ref), jax.tree.leaves(right)):
-            assert a.shape == b.shape == c.shape and a.dtype == b.dtype == np.float32, what
+            assert a.shape == b.shape == c.shape and a.dtype == b.dtype == np.float32 and c.dtype == np.float64, what
             assert rel_err(a, c) <= 2 * rel_err(b, c) + 1e-6, what
 
 
