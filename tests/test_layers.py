@@ -641,8 +641,8 @@ def test_convolution_transformations_are_xlas(x_shape, kernel_shape, stride, pad
     xlas = results(xla_conv, jnp.float32)
     with jax.enable_x64(True):
         exact = jax.tree.map(np.asarray, results(xla_conv, jnp.float64))
-    for what, mine, ref, right in zip(["eager", "jvp", "grad", "jvp of grad", "grad of grad", "vmap of grad"], ours, xlas, exact):
-        for a, b, c in zip(jax.tree.leaves(mine), jax.tree.leaves(ref), jax.tree.leaves(right)):
+    for what, mine, ref, right in zip(["eager", "jvp", "grad", "jvp of grad", "grad of grad", "vmap of grad"], ours, xlas, exact, strict=True):
+        for a, b, c in zip(jax.tree.leaves(mine), jax.tree.leaves(ref), jax.tree.leaves(right), strict=True):
             assert a.shape == b.shape == c.shape and a.dtype == b.dtype == np.float32 and c.dtype == np.float64, what
             assert rel_err(a, c) <= 2 * rel_err(b, c) + 1e-6, what
 
